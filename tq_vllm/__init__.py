@@ -1,0 +1,2 @@
+"""tq_vllm: a TurboQuant-compressed KV cache for unmodified vLLM."""
+__version__ = "0.1.0"
