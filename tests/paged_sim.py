@@ -34,6 +34,7 @@ class PagedSim:
             tab = self.tables.setdefault(rid, [])
             while len(tab) * self.B < L:
                 tab.append(self.free.pop())
+            assert L <= q_all[rid].shape[0], f"request {rid} scheduled past its length"
             qs.append(q_all[rid][c:L]); ks.append(k_all[rid][c:L]); vs.append(v_all[rid][c:L])
             qsl.append(qsl[-1] + n); seq.append(L)
         width = max(len(self.tables[r]) for r, _ in reqs)
