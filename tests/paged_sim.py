@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from tq_vllm.quant.codec import LayerCodec
+from tq_vllm.quant.codec import LayerCodec, new_sink_table
 from tq_vllm.quant.plan import StagingAllocator, make_step_plan
 
 
 class PagedSim:
-    """Holds one layer's pages + staging and runs steps through an `op(codec, q, k, v, cache, staging, plan, scale)`."""
+    """Holds one layer's pages + staging + sink table and runs steps through
+    `op(codec, q, k, v, cache, staging, plan, scale, sink=...)`."""
 
     def __init__(self, codec: LayerCodec, num_kv_heads: int, num_blocks: int = 64, num_slots: int = 8,
-                 dtype=torch.bfloat16, device="cpu", seed: int = 0):
+                 dtype=torch.bfloat16, device="cpu", seed: int = 0, sink_entries: int = 16):
         self.codec, self.H, self.B = codec, num_kv_heads, codec.block_size
         C = codec.layout.bytes_per_token
         g = torch.Generator().manual_seed(seed)
@@ -19,6 +20,7 @@ class PagedSim:
         self.cache = torch.randint(0, 256, (num_blocks, num_kv_heads, self.B, C), generator=g,
                                    dtype=torch.uint8).to(device)
         self.staging = torch.randn(num_slots, 2, self.B, num_kv_heads, codec.head_dim, generator=g).to(device, dtype)
+        self.sink = new_sink_table(sink_entries, num_kv_heads, codec.head_dim, dtype, device)
         self.alloc = StagingAllocator(num_slots)
         self.free = torch.randperm(num_blocks, generator=g).tolist()
         self.tables: dict[int, list[int]] = {}
@@ -44,7 +46,7 @@ class PagedSim:
         plan = make_step_plan(torch.tensor(qsl), torch.tensor(seq), bt.to(self.device), self.B, self.alloc,
                               device=self.device)
         out = op(self.codec, torch.cat(qs).to(self.device), torch.cat(ks).to(self.device),
-                 torch.cat(vs).to(self.device), self.cache, self.staging, plan, scale)
+                 torch.cat(vs).to(self.device), self.cache, self.staging, plan, scale, sink=self.sink)
         res = {}
         for i, (rid, n) in enumerate(reqs):
             res[rid] = out[qsl[i]:qsl[i + 1]]
@@ -54,7 +56,7 @@ class PagedSim:
 
 def naive_decode_semantics(codec: LayerCodec, q, k, v, scale):
     """Independent oracle for one sequence: q [L, Hq, D], k/v [L, H, D]; position p sees earlier blocks
-    quantized (each block coded on its own) and its own block exact."""
+    quantized (each block coded on its own) and its own block exact; with a sink preset token 0 stays exact."""
     B = codec.block_size
     L, Hq, D = q.shape
     H = k.shape[1]
@@ -67,6 +69,8 @@ def naive_decode_semantics(codec: LayerCodec, q, k, v, scale):
         kk = codec.unrotate(codec.decode_fields(f, "k").permute(0, 2, 1, 3)).reshape(-1, H, D)
         vv = codec.unrotate(codec.decode_fields(f, "v").permute(0, 2, 1, 3)).reshape(-1, H, D)
         kh[:nb * B], vh[:nb * B] = kk, vv
+        if codec.preset.sink:
+            kh[0], vh[0] = k[0].float(), v[0].float()
     G = Hq // H
     out = torch.empty(L, Hq, D)
     for p in range(L):

@@ -127,7 +127,7 @@ def test_rotated_query_path_equals_dequantize_path():
     outs = {}
     for rotated in (True, False):
         sim = PagedSim(codec, H, num_blocks=16, num_slots=2, dtype=torch.float32)
-        op = lambda *a, rotated=rotated: ref.forward_step(*a, rotated=rotated)  # noqa: E731
+        op = lambda *a, rotated=rotated, sink=None: ref.forward_step(*a, rotated=rotated, sink=sink)  # noqa: E731
         outs[rotated] = torch.cat([sim.step(op, [(0, n)], q, k, v, D ** -0.5)[0] for n in (40, 1, 1, 30, 15)])
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-5)
 
@@ -173,3 +173,67 @@ def test_staging_allocator_reuse_rollback_and_eviction_error():
     a.lookup(500)
     with pytest.raises(StagingEvictedError, match="staging_slots"):
         a.assign(600)  # every slot is in use in this very step
+
+
+def test_sink_tags_content_addressed():
+    from tq_vllm.quant.codec import sink_tags
+    g = torch.Generator().manual_seed(21)
+    k, v = torch.randn(6, 3, 64, generator=g).bfloat16(), torch.randn(6, 3, 64, generator=g).bfloat16()
+    t = sink_tags(k, v)
+    assert t.dtype == torch.int64 and t.shape == (6, 3) and bool((t > 0).all())
+    assert torch.equal(t, sink_tags(k.clone(), v.clone()))
+    assert len(set(t.flatten().tolist())) == 18
+    k2 = k.clone()
+    k2[0, 0, 5] = k2[0, 0, 5] + 0.0625  # one value changed
+    assert sink_tags(k2, v)[0, 0] != t[0, 0] and torch.equal(sink_tags(k2, v)[1:], t[1:])
+
+
+def _run_single(codec, q, k, v, steps, sink_entries=16, reset_sink_before=None):
+    sim = PagedSim(codec, k[0].shape[1], num_blocks=24, num_slots=4, sink_entries=sink_entries)
+    outs = []
+    for i, n in enumerate(steps):
+        if reset_sink_before == i:  # e.g. pages loaded by the connector into an instance with an empty table
+            sim.sink[1].zero_()
+        outs.append(sim.step(ref.forward_step, [(0, n)], q, k, v, 64 ** -0.5)[0])
+    return torch.cat(outs)
+
+
+def test_sink_token_exact_and_safe_fallback():
+    torch.manual_seed(8)
+    D, H, B, L = 64, 2, 16, 3 * 16 + 5
+    codec = LayerCodec("tq3", D, B, layer_index=2)
+    nosink = LayerCodec(get_preset("tq3", sink=False), D, B, layer_index=2)
+    q = {0: torch.randn(L, 4, D)}
+    k = {0: torch.randn(L, H, D).bfloat16()}
+    v = {0: torch.randn(L, H, D).bfloat16()}
+    k[0][0] *= 8  # a sink-like first key with a large norm
+    want_sink = naive_decode_semantics(codec, q[0], k[0], v[0], D ** -0.5)
+    want_coded = naive_decode_semantics(nosink, q[0], k[0], v[0], D ** -0.5)
+    assert (want_sink - want_coded).abs().max() > 1e-3  # the exact sink matters here
+    got = _run_single(codec, q, k, v, [20, 1, 12, 20])
+    torch.testing.assert_close(got, want_sink, rtol=2e-4, atol=2e-4)
+    # the table lost the entry (another instance, a restart): token 0 falls back to its codes, never garbage
+    got = _run_single(codec, q, k, v, [20, 1, 12, 20], reset_sink_before=2)
+    n_before = 21
+    torch.testing.assert_close(got[:n_before], want_sink[:n_before], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got[n_before:], want_coded[n_before:], rtol=2e-4, atol=2e-4)
+
+
+def test_sink_collision_falls_back_per_sequence():
+    torch.manual_seed(9)
+    D, H, B = 64, 1, 16
+    codec = LayerCodec("tq4", D, B)
+    nosink = LayerCodec(get_preset("tq4", sink=False), D, B)
+    Ls = {0: 40, 1: 40}
+    q = {r: torch.randn(L, 2, D) for r, L in Ls.items()}
+    k = {r: (torch.randn(L, H, D) * 3).bfloat16() for r, L in Ls.items()}
+    v = {r: torch.randn(L, H, D).bfloat16() for r, L in Ls.items()}
+    sim = PagedSim(codec, H, num_blocks=16, num_slots=4, sink_entries=1)  # one entry: the second evicts the first
+    a = sim.step(ref.forward_step, [(0, 40)], q, k, v, D ** -0.5)[0]
+    sim.step(ref.forward_step, [(1, 40)], q, k, v, D ** -0.5)
+    k[0] = torch.cat([k[0], k[0][:1]]); q[0] = torch.cat([q[0], q[0][:1]]); v[0] = torch.cat([v[0], v[0][:1]])
+    late = sim.step(ref.forward_step, [(0, 1)], q, k, v, D ** -0.5)[0]  # request 0 decodes after the eviction
+    torch.testing.assert_close(a, naive_decode_semantics(codec, q[0][:40], k[0][:40], v[0][:40], D ** -0.5),
+                               rtol=2e-4, atol=2e-4)
+    want = naive_decode_semantics(nosink, q[0], k[0], v[0], D ** -0.5)[-1:]
+    torch.testing.assert_close(late, want, rtol=2e-4, atol=2e-4)

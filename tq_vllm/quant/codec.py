@@ -63,6 +63,35 @@ def qjl_decode(bits: torch.Tensor, rnorm: torch.Tensor, S: torch.Tensor) -> torc
     return (math.sqrt(math.pi / 2) / D) * rnorm[..., None] * (z @ S)
 
 
+SINK_P = 2**31 - 1
+
+
+def _sink_coeffs(n: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0x51AC)
+    return torch.randint(1, SINK_P, (4, n), generator=g, dtype=torch.int64).to(device)
+
+
+def sink_tags(k0: torch.Tensor, v0: torch.Tensor) -> torch.Tensor:
+    """Content tag (int64 in [1, 2^62)) of exact first-token vectors `k0`, `v0` `[..., H, D]`: two
+    independent sums of the 16-bit halves of their float32 bit patterns times fixed coefficients, mod 2^31 - 1.
+    Equal values give equal tags; the kernels compute the same function."""
+    x = torch.cat([k0, v0], -1).to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    hi, lo = x >> 16, x & 0xFFFF
+    c = _sink_coeffs(x.shape[-1], x.device)
+    h1 = (hi * c[0] + lo * c[1]).sum(-1) % SINK_P
+    h2 = (hi * c[2] + lo * c[3]).sum(-1) % SINK_P
+    tag = h1 * (1 << 31) + h2
+    return torch.where(tag == 0, torch.ones_like(tag), tag)
+
+
+def new_sink_table(num_entries: int, num_kv_heads: int, head_dim: int, dtype, device):
+    """Per-layer table of exact first-token K/V: (`kv` [N, 2, H, D] model dtype, `tags` [N, H] int64, 0 = empty).
+    Entry of a tag: tag % N. Content-addressed, so it needs no lifetime management: a page whose tag does not
+    match its entry (overwritten, or loaded from another instance) falls back to its own codes."""
+    return (torch.zeros(num_entries, 2, num_kv_heads, head_dim, dtype=dtype, device=device),
+            torch.zeros(num_entries, num_kv_heads, dtype=torch.int64, device=device))
+
+
 def bf16_bytes(x: torch.Tensor) -> torch.Tensor:
     """float `[...]` -> uint8 `[..., 2]` (little-endian bf16)."""
     return x.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
@@ -100,10 +129,19 @@ class LayerCodec:
         return y.to(torch.float32) @ self.rot
 
     # -- one block of vectors -----------------------------------------------------------------------------
-    def encode_blocks(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Code full blocks. `k`, `v`: `[N, B, H, D]` (any float dtype, original domain).
+    def encode_blocks(self, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Code full blocks. `k`, `v`: `[N, B, H, D]` (any float dtype, original domain); `first` `[N]` bool marks
+        blocks that start a sequence (their pages get the sink tag of token 0).
         Returns the page fields as uint8 tensors `[N, H, count, item_bytes]`."""
         out = {}
+        if self.preset.sink:
+            N, _, H, _ = k.shape
+            tags = torch.zeros(N, H, dtype=torch.int64, device=k.device)
+            if first is not None and bool(first.any()):
+                f = first.to(device=k.device, dtype=torch.bool)
+                tags[f] = sink_tags(k[f, 0], v[f, 0])
+            out["sink_tag"] = tags.contiguous().view(torch.uint8).reshape(N, H, 1, 8)
         for kind, x in (("k", k), ("v", v)):
             y = self.rotate(x).permute(0, 2, 1, 3)  # [N, H, B, D]
             center = self.preset.k_center if kind == "k" else self.preset.v_center
@@ -173,6 +211,12 @@ class LayerCodec:
         N, H = pages.shape[:2]
         return {name: pages[:, :, f.offset:f.end].reshape(N, H, f.count, f.item_bytes)
                 for name, f in self.layout.fields.items()}
+
+    def read_sink_tags(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """int64 `[N, H]` sink tags of the pages of `block_ids` (0 where none)."""
+        f = self.layout.fields["sink_tag"]
+        raw = self.page_view(kv_cache)[block_ids.long()][:, :, f.offset:f.end]
+        return raw.contiguous().view(torch.int64).squeeze(-1)
 
     def dequantize_pages(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, rotated: bool = False):
         """K, V of whole blocks `[N, B, H, D]` float32 (rotated domain if `rotated`)."""

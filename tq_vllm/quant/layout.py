@@ -3,7 +3,7 @@
 vLLM hands each layer a uint8 tensor `[num_blocks, num_kv_heads, block_size, C]`. The `block_size × C` bytes of
 one (block, KV head) form a *head page*; `PageLayout` says where each field of it lives (see docs/design.md):
 
-    k code planes [B × D·w/8 each] | v code planes | k scales [B bf16] | v scales [B bf16]
+    k code planes [B × D·w/8 each] | v code planes | k scales [B bf16] | v scales [B bf16] | (sink) tag [int64]
     | (prod) k QJL signs [B × D/8] | k residual norms [B bf16] | (centered) k mean planes | k mean scale | v mean ...
 
 Token-major inside every plane, so the codes of a tile of tokens are one contiguous range.
@@ -45,7 +45,8 @@ class PageLayout:
     """Byte layout of one head page for (preset, head_dim, block_size).
 
     Field names: `k_codes{j}` / `v_codes{j}` (plane j, token-major), `k_scale`, `v_scale` (bf16),
-    `k_qjl`, `k_rnorm` (prod), `k_mean{j}`, `k_mean_scale`, `v_mean{j}`, `v_mean_scale` (centered).
+    `sink_tag` (int64, first block of a sequence only; 0 elsewhere), `k_qjl`, `k_rnorm` (prod),
+    `k_mean{j}`, `k_mean_scale`, `v_mean{j}`, `v_mean_scale` (centered).
     """
 
     def __init__(self, preset: Preset | str, head_dim: int, block_size: int):
@@ -62,26 +63,27 @@ class PageLayout:
         fields: list[Field] = []
         off = 0
 
-        def add(name, item_bytes, count):
+        def add(name, item_bytes, count, align=1):
             nonlocal off
-            if item_bytes % 2 == 0 and off % 2:  # keep bf16 fields 2-byte aligned
-                off += 1
+            off = -(-off // align) * align
             fields.append(Field(name, off, item_bytes, count))
             off += item_bytes * count
 
         for kv, bits in (("k", self.k_bits), ("v", self.v_bits)):
             for j, w in enumerate(plane_widths(bits)):
                 add(f"{kv}_codes{j}", D * w // 8, B)
-        add("k_scale", BF16, B)
-        add("v_scale", BF16, B)
+        add("k_scale", BF16, B, align=2)
+        add("v_scale", BF16, B, align=2)
+        if p.sink:
+            add("sink_tag", 8, 1, align=8)
         if p.k_mode == "prod":
             add("k_qjl", D // 8, B)
-            add("k_rnorm", BF16, B)
+            add("k_rnorm", BF16, B, align=2)
         for kv, on in (("k", p.k_center), ("v", p.v_center)):
             if on:
                 for j, w in enumerate(plane_widths(p.mean_bits)):
                     add(f"{kv}_mean{j}", D * w // 8, 1)
-                add(f"{kv}_mean_scale", BF16, 1)
+                add(f"{kv}_mean_scale", BF16, 1, align=2)
         self.fields: dict[str, Field] = {f.name: f for f in fields}
         self.used_bytes = off
         self.bytes_per_token = math.ceil(off / B)
@@ -106,7 +108,7 @@ class PageLayout:
     def fingerprint(self) -> str:
         """Identifies the byte format (used by the connector so a block is never read under another format)."""
         p = self.preset
-        return (f"tqv{LAYOUT_VERSION}:{p.k_bits}{p.k_mode}{int(p.k_center)}:{p.v_bits}{int(p.v_center)}:"
+        return (f"tqv{LAYOUT_VERSION}:{p.k_bits}{p.k_mode}{int(p.k_center)}:{p.v_bits}{int(p.v_center)}:s{int(p.sink)}:"
                 f"m{p.mean_bits}:{p.scale}:{p.rotation}:d{self.head_dim}:b{self.block_size}")
 
     def describe(self) -> str:

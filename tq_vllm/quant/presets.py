@@ -23,6 +23,7 @@ class Preset:
     mean_bits: int = 3
     scale: str = "ls"
     rotation: str = "hadamard"
+    sink: bool = True
     description: str = ""
 
     def __post_init__(self):

@@ -6,7 +6,8 @@ Per layer and step (see docs/design.md and plan.py):
     write_staging(...)      copy the tokens of each row's open block into its staging slot (after attention)
 
 Shapes: T tokens of the step, Hq query heads, H KV heads, D head_dim, B block_size.
-    query [T, Hq, D], key/value [T, H, D], kv_cache uint8 [num_blocks, H, B, C], staging [S, 2, B, H, D].
+    query [T, Hq, D], key/value [T, H, D], kv_cache uint8 [num_blocks, H, B, C], staging [S, 2, B, H, D],
+    sink = (sink_kv [N, 2, H, D], sink_tag [N, H] int64) from codec.new_sink_table (None: token 0 stays coded).
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def _gather_block_tokens(plan: StepPlan, staging, x, kv: int, row: int, blk: int
 
 
 def store_full_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, plan: StepPlan) -> None:
-    """Quantize the blocks completed in this step (`plan.qb_row/qb_idx`) into their pages."""
+                      value: torch.Tensor, plan: StepPlan, sink=None) -> None:
+    """Quantize the blocks completed in this step (`plan.qb_row/qb_idx`) into their pages; the first block of a
+    sequence also records its exact token 0 in the sink table `sink` = (kv [N, 2, H, D], tags [N, H])."""
     M = plan.qb_row.numel()
     if M == 0:
         return
@@ -44,7 +46,18 @@ def store_full_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.
     kb = torch.stack([_gather_block_tokens(plan, staging, key, 0, r, b) for r, b in zip(rows, idxs)])
     vb = torch.stack([_gather_block_tokens(plan, staging, value, 1, r, b) for r, b in zip(rows, idxs)])
     block_ids = plan.block_table[plan.qb_row.long(), plan.qb_idx.long()]
-    codec.write_pages(kv_cache, block_ids, codec.encode_blocks(kb, vb))
+    first = plan.qb_idx == 0
+    fields = codec.encode_blocks(kb, vb, first)
+    codec.write_pages(kv_cache, block_ids, fields)
+    if sink is not None and codec.preset.sink and bool(first.any()):
+        sink_kv, sink_tag = sink
+        f = first.to(kb.device)
+        tags = fields["sink_tag"].reshape(M, -1, 8).contiguous().view(torch.int64).squeeze(-1)[f]  # [M0, H]
+        slots = tags % sink_tag.shape[0]
+        heads = torch.arange(tags.shape[1], device=tags.device).expand_as(tags)
+        sink_kv[slots, 0, heads] = kb[f, 0].to(sink_kv.dtype)
+        sink_kv[slots, 1, heads] = vb[f, 0].to(sink_kv.dtype)
+        sink_tag[slots, heads] = tags
 
 
 def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: StepPlan) -> None:
@@ -61,10 +74,22 @@ def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         staging[slot, 1, p0 % B:p0 % B + (L - p0)] = value[t0:t1].to(staging.dtype)
 
 
+def sink_lookup(codec: LayerCodec, kv_cache, block_ids, sink):
+    """For pages `block_ids` [N] that start a sequence: (valid [N, H] bool, k0 [N, H, D], v0 [N, H, D] float32)
+    of the exact token 0 in the sink table, valid where the page's tag matches the table's entry."""
+    sink_kv, sink_tag = sink
+    tags = codec.read_sink_tags(kv_cache, block_ids)  # [N, H]
+    slots = tags % sink_tag.shape[0]
+    heads = torch.arange(tags.shape[1], device=tags.device).expand_as(tags)
+    valid = (tags != 0) & (sink_tag[slots, heads] == tags)
+    return valid, sink_kv[slots, 0, heads].to(torch.float32), sink_kv[slots, 1, heads].to(torch.float32)
+
+
 def attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               kv_cache: torch.Tensor, staging: torch.Tensor, plan: StepPlan, scale: float,
-              rotated: bool = True) -> torch.Tensor:
+              rotated: bool = True, sink=None) -> torch.Tensor:
     """Causal attention of the step's queries with decode semantics; returns float32 `[T, Hq, D]`.
+    Token 0 of a quantized first block is read exact from the sink table `sink` when its tag matches.
 
     `rotated=True` scores the rotated query against rotated-domain pages and rotates each output once;
     `rotated=False` dequantizes pages to the original domain first (the two must agree to float tolerance).
@@ -94,6 +119,12 @@ def attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: 
         if n_qblocks:
             ids = plan.block_table[r, :n_qblocks]
             kq, vq = codec.dequantize_pages(kv_cache, ids, rotated=rotated)  # [n, B, H, D]
+            if sink is not None and codec.preset.sink:
+                valid, k0, v0 = sink_lookup(codec, kv_cache, ids[:1], sink)
+                if rotated:
+                    k0, v0 = codec.rotate(k0), codec.rotate(v0)
+                kq[0, 0] = torch.where(valid[0, :, None], k0[0], kq[0, 0])
+                vq[0, 0] = torch.where(valid[0, :, None], v0[0], vq[0, 0])
             kq, vq = kq.reshape(-1, H, D), vq.reshape(-1, H, D)
         else:
             kq = vq = torch.zeros(0, H, D, device=query.device)
@@ -116,9 +147,9 @@ def attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
-                 rotated: bool = True) -> torch.Tensor:
+                 rotated: bool = True, sink=None) -> torch.Tensor:
     """One layer's whole step in the reference order: store, attend, stage."""
-    store_full_blocks(codec, kv_cache, staging, key, value, plan)
-    out = attention(codec, query, key, value, kv_cache, staging, plan, scale, rotated)
+    store_full_blocks(codec, kv_cache, staging, key, value, plan, sink)
+    out = attention(codec, query, key, value, kv_cache, staging, plan, scale, rotated, sink)
     write_staging(staging, key, value, plan)
     return out
