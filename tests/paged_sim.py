@@ -12,7 +12,7 @@ class PagedSim:
     `op(codec, q, k, v, cache, staging, plan, scale, sink=...)`."""
 
     def __init__(self, codec: LayerCodec, num_kv_heads: int, num_blocks: int = 64, num_slots: int = 8,
-                 dtype=torch.bfloat16, device="cpu", seed: int = 0, sink_entries: int = 16):
+                 dtype=torch.bfloat16, device="cpu", seed: int = 0, sink_entries: int = 4096):
         self.codec, self.H, self.B = codec, num_kv_heads, codec.block_size
         C = codec.layout.bytes_per_token
         g = torch.Generator().manual_seed(seed)

@@ -1,5 +1,6 @@
 """Page layout, page codec and the torch reference of paged store/attention (decode semantics)."""
 import random
+import zlib
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def _random_schedule(lengths, rng, max_chunk):
 @pytest.mark.parametrize("preset,dim,block,gqa", [("tq4", 64, 16, 4), ("tq3", 128, 32, 1), ("tq25", 64, 16, 7),
                                                    ("tq4-prod", 64, 16, 2), ("tq35", 256, 16, 8)])
 def test_reference_is_chunk_invariant_and_matches_oracle(preset, dim, block, gqa):
-    rng = random.Random(hash((preset, dim)) & 0xFFFF)
+    rng = random.Random(zlib.crc32(f"{preset}{dim}".encode()))
     torch.manual_seed(rng.randint(0, 10**6))
     H = 2 if gqa != 7 else 1
     Hq = H * gqa

@@ -1,0 +1,326 @@
+"""Triton kernels (tq_vllm.kernels) against the torch reference (tq_vllm.quant.reference).
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 at small shapes; `@pytest.mark.gpu` cases use realistic
+shapes on CUDA. Every attention output is poisoned (NaN) before the run and checked to be fully written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import zlib
+
+import pytest
+import torch
+
+from paged_sim import PagedSim, naive_decode_semantics
+from tq_vllm import kernels as K
+from tq_vllm.quant import PRESETS
+from tq_vllm.quant import reference as ref
+from tq_vllm.quant.codec import LayerCodec
+from tq_vllm.quant.plan import StagingAllocator, make_step_plan
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"  # on a GPU machine the small cases run on CUDA too
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(monkeypatch):
+    """CPU: run the Triton kernels in the interpreter (only for these tests: the variable is restored after) with
+    small prefill tiles (faster, and several query tiles per row get exercised)."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(K, "PREFILL_ROWS", 32)
+
+
+def _seed(*key) -> int:
+    """Stable across processes (hash() of a str is salted per process)."""
+    return zlib.crc32(repr(key).encode()) % 100003
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _tol(dtype):
+    return 8e-3 if dtype == torch.bfloat16 else 4e-3
+
+
+def _seqs(n, L, H, G, D, dtype, seed, kscale=2.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = {i: torch.randn(L, H * G, D, generator=g).to(dtype) for i in range(n)}
+    k = {i: (torch.randn(L, H, D, generator=g) * kscale + 0.5 * torch.randn(1, H, D, generator=g)).to(dtype)
+         for i in range(n)}
+    v = {i: (torch.randn(L, H, D, generator=g) + 0.3 * torch.randn(1, H, D, generator=g)).to(dtype) for i in range(n)}
+    return q, k, v
+
+
+def _triton_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)  # poisoned
+    res = K.forward_step(codec, q, k, v, cache, staging, plan, scale, out=out, force="triton", sink=sink)
+    assert res is out
+    assert not torch.isnan(out).any(), "some output elements were not written"
+    return out
+
+
+def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, device=DEV, lengths=None):
+    codec = LayerCodec(preset, D, B, layer_index=3, device=device)
+    n = 1 + max(r for step in schedule for r, _ in step)
+    Lmax = lengths or max(sum(c for s in schedule for r2, c in s if r2 == r) for r in range(n)) + 1
+    q, k, v = _seqs(n, Lmax, H, G, D, dtype, seed)
+    sa = PagedSim(codec, H, num_blocks=num_blocks, num_slots=2 * n + 2, dtype=dtype, device=device, seed=seed)
+    sb = PagedSim(codec, H, num_blocks=num_blocks, num_slots=2 * n + 2, dtype=dtype, device=device, seed=seed)
+    scale = D ** -0.5
+    for step in schedule:
+        oa = sa.step(_triton_op, step, q, k, v, scale)
+        ob = sb.step(ref.forward_step, step, q, k, v, scale)
+        if codec.preset.sink:
+            assert torch.equal(sa.sink[1], sb.sink[1]) and torch.equal(sa.sink[0], sb.sink[0])
+        for rid in oa:
+            assert oa[rid].dtype == dtype
+            err = _rel(oa[rid], ob[rid])
+            assert err < _tol(dtype), (preset, D, B, G, step, rid, err)
+    # codes may legitimately differ where a value sits on a decision boundary (fp32 summation order of the
+    # rotation): a handful of bytes, never whole pages
+    same = (sa.cache == sb.cache).float().mean().item()
+    assert same >= 0.999, same
+    assert torch.equal(sa.staging, sb.staging)
+    return codec, sa, sb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# store
+# ---------------------------------------------------------------------------------------------------------------
+STORE_CASES = [("tq4", 64, 16), ("tq3", 64, 32), ("tq35", 96, 16), ("tq25", 64, 16), ("tq4-prod", 64, 16),
+               ("tq8", 64, 16), ("tq4", 128, 64), ("tq3", 256, 16), ("tq4-prod", 96, 128)]
+
+
+@pytest.mark.parametrize("preset,D,B", STORE_CASES)
+def test_store_matches_reference(preset, D, B):
+    """Chunk that completes blocks from staging + input (ctx % B != 0), padded qb list (graph style)."""
+    torch.manual_seed(_seed(preset, D, B))
+    H = 2
+    codec = LayerCodec(preset, D, B, layer_index=1, device=DEV)
+    C = codec.layout.bytes_per_token
+    ctx, nq = B // 2 + 3, B + B // 2  # completes blocks 0 and 1 (block 0 half from staging)
+    L = ctx + nq
+    nb = 6
+    cache = torch.randint(0, 256, (nb, H, B, C), dtype=torch.uint8, device=DEV)
+    staging = torch.randn(3, 2, B, H, D, device=DEV).to(torch.bfloat16) * 3
+    k = (torch.randn(nq, H, D, device=DEV) * 2 + 1).to(torch.bfloat16)
+    v = torch.randn(nq, H, D, device=DEV).to(torch.bfloat16)
+    k[1, 0] = 0  # a zero vector codes to scale 0
+    bt = torch.tensor([[4, 1, 3]], dtype=torch.int32, device=DEV)
+    alloc = StagingAllocator(3)
+    alloc.assign(4)  # block 4 (index 0 of the row) is open before the step -> slot 0
+    plan = make_step_plan(torch.tensor([0, nq]), torch.tensor([L]), bt, B, alloc, device=DEV)
+    assert plan.qb_row.tolist() == [0, 0]
+    a, b = cache.clone(), cache.clone()
+    ref.store_full_blocks(codec, a, staging, k, v, plan)
+    padded = dataclasses.replace(plan, qb_row=torch.tensor([0, -1, 0, -1], dtype=torch.int32, device=DEV),
+                                 qb_idx=torch.tensor([0, 5, 1, 7], dtype=torch.int32, device=DEV))
+    K.store_blocks(codec, b, staging, k, v, padded, force="triton")
+    ids = torch.tensor([4, 1], device=DEV)
+    untouched = [i for i in range(nb) if i not in (4, 1)]
+    assert torch.equal(a[untouched], b[untouched]) and torch.equal(b[untouched], cache[untouched])
+    if not CUDA:
+        assert torch.equal(a, b)  # byte-identical in the interpreter
+    else:
+        assert (a == b).float().mean().item() > 0.995
+        ka, va = codec.dequantize_pages(a, ids)
+        kb, vb = codec.dequantize_pages(b, ids)
+        assert _rel(kb, ka) < 2e-3 and _rel(vb, va) < 2e-3
+
+
+def test_store_special_values():
+    """Zero vectors code to scale 0 (decode to zeros); any NaN/Inf to scale NaN (decode to NaN), like the reference."""
+    D, B, H = 64, 16, 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    C = codec.layout.bytes_per_token
+    k = torch.randn(B, H, D, device=DEV).to(torch.bfloat16)
+    v = torch.randn(B, H, D, device=DEV).to(torch.bfloat16)
+    k[3, 1] = 0
+    v[5, 0] = 0
+    v[7, 1, 3] = float("nan")
+    k[2, 0, 9] = float("inf")
+    bt = torch.tensor([[2]], dtype=torch.int32, device=DEV)
+    plan = make_step_plan(torch.tensor([0, B]), torch.tensor([B]), bt, B, StagingAllocator(1), device=DEV)
+    cache = torch.randint(0, 256, (3, H, B, C), dtype=torch.uint8, device=DEV)
+    a, b = cache.clone(), cache.clone()
+    staging = torch.zeros(1, 2, B, H, D, dtype=torch.bfloat16, device=DEV)
+    ref.store_full_blocks(codec, a, staging, k, v, plan)
+    K.store_blocks(codec, b, staging, k, v, plan, force="triton")
+    kd, vd = codec.dequantize_pages(b, torch.tensor([2], device=DEV))
+    assert torch.isnan(vd[0, 7, 1]).all() and torch.isfinite(vd[0, 6, 1]).all()
+    assert torch.isnan(kd[0, :, 0]).all()  # the Inf key poisons its block mean -> whole (block, head) NaN
+    assert torch.isfinite(kd[0, :, 1]).all()
+    assert torch.equal(vd[0, 5, 0], torch.zeros_like(vd[0, 5, 0]))
+    if not CUDA:
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention + step (paged simulator: random block ids, mixed prefill/decode, chunking)
+# ---------------------------------------------------------------------------------------------------------------
+MIXED = [[(0, 37), (1, 20)], [(0, 1), (1, 1), (2, 26)], [(0, 1), (1, 13), (2, 1)], [(0, 1), (2, 1), (1, 1)]]
+STEP_CASES = [
+    # preset, D, B, H, G, dtype
+    ("tq4", 64, 16, 2, 1, torch.bfloat16),
+    ("tq4", 64, 16, 2, 4, torch.float16),
+    ("tq3", 64, 16, 1, 7, torch.bfloat16),
+    ("tq35", 128, 32, 1, 8, torch.bfloat16),
+    ("tq25", 96, 16, 2, 4, torch.float16),
+    ("tq4-prod", 64, 32, 2, 4, torch.bfloat16),
+    ("tq8", 64, 16, 1, 2, torch.float16),
+    ("tq4", 64, 128, 1, 4, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("preset,D,B,H,G,dtype", STEP_CASES)
+def test_forward_step_matches_reference(preset, D, B, H, G, dtype):
+    _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed(preset, D, B, G))
+
+
+def test_head_dim_256_and_long_decode():
+    sched = [[(0, 70)], [(0, 1)], [(0, 1)], [(0, 30), (1, 3)]]
+    _run_schedule("tq3", 256, 16, 1, 1, torch.bfloat16, sched, seed=5)
+
+
+def test_decode_many_splits_and_unaligned_context():
+    """Decode rows with several split-K partials, contexts not multiples of B, empty splits for short rows."""
+    D, B, H, G = 64, 16, 2, 4
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    q, k, v = _seqs(3, 260, H, G, D, torch.bfloat16, seed=11)
+    base = PagedSim(codec, H, num_blocks=64, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    base.step(ref.forward_step, [(0, 203), (1, 7), (2, 100)], q, k, v, scale)
+    for nsplit in (1, 3, 7):
+        sim = copy.deepcopy(base)
+
+        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=3), num_splits=nsplit)
+            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
+            out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
+                              sink=sink)
+            exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+            assert not torch.isnan(out).any()
+            assert _rel(out, exp) < 8e-3, nsplit
+            return exp
+
+        sim.step(op, [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+
+
+def test_matches_naive_decode_semantics_chunked():
+    """End to end through the Triton step in chunks equals the independent per-position oracle."""
+    D, B, H, G = 64, 16, 1, 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    q, k, v = _seqs(1, 75, H, G, D, torch.float16, seed=3)
+    sim = PagedSim(codec, H, num_blocks=16, num_slots=4, dtype=torch.float16, device=DEV)
+    outs = []
+    for n in (21, 1, 30, 1, 1, 21):
+        outs.append(sim.step(_triton_op, [(0, n)], q, k, v, D ** -0.5)[0])
+    got = torch.cat(outs).float().cpu()
+    exp = naive_decode_semantics(LayerCodec("tq4", D, B), q[0], k[0], v[0], D ** -0.5)
+    assert _rel(got, exp) < 4e-3
+
+
+def test_sink_table_miss_falls_back_to_codes():
+    """An overwritten sink entry (or a page from another instance) is read from its codes, like the reference."""
+    D, B, H, G = 64, 16, 2, 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    q, k, v = _seqs(2, 60, H, G, D, torch.bfloat16, seed=9)
+    sa = PagedSim(codec, H, num_blocks=32, num_slots=6, dtype=torch.bfloat16, device=DEV, sink_entries=4)
+    sb = PagedSim(codec, H, num_blocks=32, num_slots=6, dtype=torch.bfloat16, device=DEV, sink_entries=4)
+    for sim, op in ((sa, _triton_op), (sb, ref.forward_step)):
+        sim.step(op, [(0, 40), (1, 20)], q, k, v, D ** -0.5)
+        sim.sink[1][:, 0] = 12345  # entries of head 0 now belong to another sequence
+    oa = sa.step(_triton_op, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
+    ob = sb.step(ref.forward_step, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
+    for rid in oa:
+        assert _rel(oa[rid], ob[rid]) < 8e-3
+
+
+def test_write_staging_matches_reference():
+    D, B, H = 64, 16, 2
+    st_a = torch.randn(4, 2, B, H, D, device=DEV).to(torch.bfloat16)
+    st_b = st_a.clone()
+    k = torch.randn(40, H, D, device=DEV).to(torch.bfloat16)
+    v = torch.randn(40, H, D, device=DEV).to(torch.bfloat16)
+    alloc = StagingAllocator(4)
+    bt = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32)
+    alloc.assign(3)  # row 1 has block 3 open (ctx 5)
+    # rows: new prompt of 21, decode at ctx 5 (stays open), chunk of 16 that lands exactly on a boundary
+    plan = make_step_plan(torch.tensor([0, 21, 22, 38]), torch.tensor([21, 6, 32]), bt, B, alloc, device=DEV)
+    ref.write_staging(st_a, k, v, plan)
+    K.write_staging(st_b, k, v, plan, force="triton")
+    assert torch.equal(st_a, st_b)
+
+
+def test_torch_dispatch_on_cpu():
+    """Without force, CPU tensors go to the torch reference (the same results as the reference)."""
+    D, B, H, G = 64, 16, 1, 2
+    codec = LayerCodec("tq4", D, B)
+    q, k, v = _seqs(1, 40, H, G, D, torch.bfloat16, seed=1)
+    sa = PagedSim(codec, H, num_blocks=8, num_slots=2, dtype=torch.bfloat16)
+    sb = PagedSim(codec, H, num_blocks=8, num_slots=2, dtype=torch.bfloat16)
+    oa = sa.step(lambda *a, **kw: K.forward_step(*a, force="torch", **kw), [(0, 40)], q, k, v, 0.125)[0]
+    ob = sb.step(ref.forward_step, [(0, 40)], q, k, v, 0.125)[0]
+    assert torch.allclose(oa.float(), ob.float(), atol=1e-2)
+    if os.environ.get("TQ_VLLM_KERNELS", "auto") == "auto":
+        assert not K.use_triton(torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: realistic shapes
+# ---------------------------------------------------------------------------------------------------------------
+GPU_CORE = [("tq4", "asm"), ("tq3", "asm"), ("tq4", "gather")]
+GPU_MORE = [(p, "asm") for p in PRESETS if p not in ("tq4", "tq3")] + [("tq3", "gather")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,lut", GPU_CORE + [pytest.param(*c, marks=pytest.mark.slow) for c in GPU_MORE])
+def test_gpu_llama_shapes(preset, lut, monkeypatch):
+    monkeypatch.setenv("TQ_VLLM_LUT", lut)
+    sched = [[(0, 1500), (1, 700)], [(0, 1), (1, 1), (2, 2048)], [(0, 1), (1, 1), (2, 1)],
+             [(0, 1), (1, 1), (2, 1), (3, 515)]]
+    _run_schedule(preset, 128, 16, 8, 4, torch.bfloat16, sched, seed=1, num_blocks=512, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("D,B,G,dtype", [(64, 32, 8, torch.float16), (256, 64, 1, torch.bfloat16),
+                                         (96, 128, 7, torch.bfloat16)])
+def test_gpu_other_shapes(D, B, G, dtype):
+    sched = [[(0, 900), (1, 300)], [(0, 1), (1, 1)], [(0, 1), (1, 77)]]
+    _run_schedule("tq3", D, B, 4, G, dtype, sched, seed=2, num_blocks=256, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode():
+    """A decode step captured in a CUDA graph (meta given, no host sync) replays to the eager result."""
+    D, B, H, G, R = 128, 16, 8, 4, 4
+    codec = LayerCodec("tq4", D, B, device="cuda")
+    q, k, v = _seqs(R, 600, H, G, D, torch.bfloat16, seed=7)
+    sim = PagedSim(codec, H, num_blocks=256, num_slots=16, dtype=torch.bfloat16, device="cuda")
+    sim.step(ref.forward_step, [(r, 300 + 37 * r) for r in range(R)], q, k, v, D ** -0.5)
+    captured = {}
+
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        meta = K.prepare(plan, H, H * G, num_decode_rows=R)
+        eager = K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, meta=meta, sink=sink)
+        out = torch.full_like(q_, float("nan"))
+        K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, sink=sink)  # warm-up
+        out.fill_(float("nan"))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, sink=sink)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        captured["ok"] = torch.equal(out, eager)
+        return K.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, meta=meta, sink=sink)
+
+    sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
+    assert captured["ok"]

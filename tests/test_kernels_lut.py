@@ -1,0 +1,104 @@
+"""The inline-PTX centroid look-ups (tq_vllm/kernels/lut.py), checked on the CPU through a small PTX model.
+
+The GPU runs the asm itself (tests/test_kernels.py -m gpu compares asm and table-gather decoding); here each
+instruction the asm uses (b32 logic, shifts, mul.lo, prmt) is modelled per the PTX ISA, so a wrong selector or
+table word fails without a GPU.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tq_vllm.kernels.lut import asm_for, emulate
+from tq_vllm.quant.codebook import codebook
+
+M32 = 0xFFFFFFFF
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """prmt.b32 default mode: byte i of d = byte (c >> 4i) & 7 of {b, a}; bit 3 of the selector = sign replicate."""
+    src = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def run_ptx(asm: str, inputs: list[int], nout: int) -> list[int]:
+    regs = {f"${nout + i}": v for i, v in enumerate(inputs)}
+
+    def val(t):
+        t = t.strip()
+        return regs[t] if t in regs else int(t, 0) & M32
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [x.strip() for x in rest.split(",")]
+        d, src = args[0], [val(x) for x in args[1:]]
+        r = {"mov.b32": lambda: src[0], "not.b32": lambda: ~src[0] & M32, "and.b32": lambda: src[0] & src[1],
+             "or.b32": lambda: src[0] | src[1], "xor.b32": lambda: src[0] ^ src[1],
+             "shl.b32": lambda: (src[0] << src[1]) & M32, "shr.u32": lambda: src[0] >> src[1],
+             "mul.lo.u32": lambda: (src[0] * src[1]) & M32, "prmt.b32": lambda: _prmt(*src)}[op]()
+        regs[d] = r
+    return [regs[f"${i}"] for i in range(nout)]
+
+
+def _halves(words):
+    return np.array([h for w in words for h in (w & 0xFFFF, w >> 16)], dtype=np.uint16).view(np.float16)
+
+
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+@pytest.mark.parametrize("bits,lattices", [(4, 2), (3, 4), (2, 4)])
+def test_prmt_lut_matches_model(D, bits, lattices):
+    c = codebook(D, bits)
+    mode, asm = asm_for(bits, lattices, c)
+    assert mode == (1 if bits == 4 else 2)
+    rnd = random.Random(D * 10 + bits)
+    for _ in range(200):
+        bs = [rnd.randrange(256) for _ in range(4)]
+        x = bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24
+        if mode == 1:
+            out = run_ptx(asm, [x], 4)
+            exp = emulate(1, c, torch.tensor(bs))
+            assert np.array_equal(_halves(out[0:2]), exp[0].numpy())  # low nibbles: lattice 0
+            assert np.array_equal(_halves(out[2:4]), exp[1].numpy())  # high nibbles: lattice 1
+        else:
+            hs = [rnd.randrange(16) if bits == 3 else 0 for _ in range(4)]
+            out = run_ptx(asm, [x, hs[0] | hs[1] << 8 | hs[2] << 16 | hs[3] << 24], 8)
+            exp = emulate(2, c, torch.tensor(bs), torch.tensor(hs))
+            for r in range(4):
+                assert np.array_equal(_halves(out[2 * r:2 * r + 2]), exp[r].numpy())
+
+
+def test_emulation_matches_codebook_decoding():
+    """The element-wise model is the bit-plane decoding of packing.py (lattice r = coordinates R*t + r)."""
+    from tq_vllm.quant.packing import pack
+    D = 64
+    for bits, R in ((4, 2), (3, 4), (2, 4)):
+        c = codebook(D, bits)
+        codes = torch.randint(0, 1 << bits, (5, D))
+        packed = pack(codes, bits)
+        if bits == 4:
+            lat = emulate(1, c, packed)
+        else:
+            p0 = packed[:, :D // 4]
+            if bits == 3:
+                p1 = packed[:, D // 4:].to(torch.int64)
+                t = torch.arange(D // 4)
+                hh = (p1[:, t // 2] >> ((t % 2) * 4)) & 15
+            else:
+                hh = torch.zeros_like(p0)
+            lat = emulate(2, c, p0, hh)
+        for r in range(R):
+            assert torch.equal(lat[r], c.to(torch.float16)[codes[:, r::R]])
+    assert asm_for(8, 1, codebook(D, 8))[0] == 0  # 8-bit codes use table gathers

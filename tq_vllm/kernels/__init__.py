@@ -1,0 +1,358 @@
+"""Paged TurboQuant kernels: store, attention (decode + prefill), staging write, and the per-layer step.
+
+Public functions take plain tensors (shapes below) and a `StepPlan` (tq_vllm/quant/plan.py). Each dispatches to
+Triton on CUDA tensors and to the torch reference (`tq_vllm.quant.reference`) elsewhere. Override with
+`force="triton" | "torch"` or the environment variable `TQ_VLLM_KERNELS=triton|torch|auto`; Triton on CPU tensors
+needs `TRITON_INTERPRET=1` (the tests do that, at small shapes).
+
+Shapes: T tokens of the step, Hq query heads, H KV heads, D head_dim, B block_size, R rows (requests).
+    query [T, Hq, D]; key, value [T, H, D] (fp16/bf16); kv_cache uint8 [num_blocks, H, B, C];
+    staging [num_slots, 2, B, H, D] (model dtype); out [T, Hq, D].
+
+CUDA graphs: no host sync and no data-dependent host control flow once a `KernelMeta` is given (see `prepare`):
+launch grids depend only on R, the number of decode rows, `plan.max_query_len`, `plan.max_seq_len` and the
+length of `plan.qb_row` (entries < 0 are skipped, so it may be padded to a fixed size).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from tq_vllm.quant import reference as _ref
+from tq_vllm.quant.codec import LayerCodec
+from tq_vllm.quant.plan import StepPlan
+
+from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
+
+__all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_attention", "forward_step",
+           "use_triton", "DECODE_TILE", "PREFILL_ROWS"]
+
+DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
+PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "128"))  # score columns per prefill program (QT*GP)
+PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per page tile (prefill)
+STORE_ROWS = 64  # token rows per store program (several blocks when B < 64)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+# launch configs (num_warps, num_stages); overridable for tuning sweeps: TQ_VLLM_<NAME>_CFG="warps,stages"
+_CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (8, 1), "STORE": (4, 1), "REDUCE": (4, 1)}
+LAST_KERNELS: dict = {}  # name -> last CompiledKernel launched (for inspection: n_regs, n_spills, shared, asm)
+
+
+_FALLBACK_USED: dict = {}
+
+
+def _launch(name, kernel, grid, args, kwargs, fallbacks=()):
+    """Launch `kernel`; if its first compilation for this configuration fails on this GPU/Triton (out of shared
+    memory, a lowering error), retry with each dict of kwarg overrides in `fallbacks` and remember the one that
+    worked. Compilation happens on the first (warm-up) call, never inside a CUDA-graph capture."""
+    key = (name, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, bool)))))
+    over = _FALLBACK_USED.get(key)
+    if over is not None:
+        kwargs = {**kwargs, **over}
+        LAST_KERNELS[name] = kernel[grid](*args, **kwargs)
+        return
+    try:
+        LAST_KERNELS[name] = kernel[grid](*args, **kwargs)
+        return
+    except Exception as err:  # noqa: BLE001 - any compile/launch-resource error: try the safer configurations
+        first = err
+    for over in fallbacks:
+        try:
+            LAST_KERNELS[name] = kernel[grid](*args, **{**kwargs, **over})
+        except Exception:  # noqa: BLE001
+            continue
+        import warnings
+        warnings.warn(f"tq_vllm.kernels: {name} config failed ({type(first).__name__}: {str(first)[:200]}); "
+                      f"using {over}")
+        _FALLBACK_USED[key] = over
+        return
+    raise first
+
+
+def _cfg(name: str):
+    v = os.environ.get(f"TQ_VLLM_{name}_CFG")
+    if v:
+        w, st = (int(x) for x in v.split(","))
+        return dict(num_warps=w, num_stages=st)
+    w, st = _CFG_DEFAULT[name]
+    return dict(num_warps=w, num_stages=st)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------------------------
+def use_triton(t: torch.Tensor, force: str | None = None) -> bool:
+    mode = force or os.environ.get("TQ_VLLM_KERNELS", "auto")
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernel mode {mode!r}: choose triton, torch or auto")
+    if mode == "auto":
+        return t.is_cuda
+    if mode == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    return mode == "triton"
+
+
+_MODS = {}
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kmod(name: str):
+    """The Triton kernel module `name`, (re)imported so that its @triton.jit matches TRITON_INTERPRET now."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    full = f"{__name__}.{name}"
+    mod, was = _MODS.get(name, (None, None))
+    if mod is None or was != interp:
+        mod = importlib.reload(sys.modules[full]) if full in sys.modules else importlib.import_module(full)
+        _MODS[name] = (mod, interp)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------------------
+# host-side plan additions
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class KernelMeta:
+    """Host ints the launches need, on top of StepPlan. Rows [0, num_decode_rows) have exactly one query token
+    (vLLM orders decodes first); the other rows go through the prefill path."""
+
+    num_decode_rows: int
+    num_splits: int
+    decode_tile: int
+    prefill_qt: int
+
+
+def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, num_decode_rows: int | None = None,
+            device=None) -> KernelMeta:
+    """Host part of a step's launch configuration. `num_decode_rows=None` reads `plan.query_start_loc` (a host
+    sync; pass it from the builder's host data in the CUDA-graph path)."""
+    R = plan.num_rows
+    if num_decode_rows is None:
+        qsl = plan.query_start_loc.detach().to("cpu", torch.int64)
+        ql = (qsl[1:] - qsl[:-1]).tolist()
+        nd = 0
+        while nd < R and ql[nd] == 1:
+            nd += 1
+        num_decode_rows = nd
+    dev = torch.device(device) if device is not None else plan.seq_lens.device
+    sms = num_sms(dev.index or 0) if dev.type == "cuda" else 8
+    tile = int(os.environ.get("TQ_VLLM_DECODE_TILE", DECODE_TILE)) or (128 if next_pow2(plan.block_size) <= 32 else 64)
+    factor = float(os.environ.get("TQ_VLLM_SPLIT_FACTOR", "2"))
+    S = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, tile, sms, factor)
+    G = (num_q_heads // num_kv_heads) if num_q_heads else 1
+    GP = max(next_pow2(G), int(os.environ.get("TQ_VLLM_MIN_GP", "1")))
+    qt = max(1, int(os.environ.get("TQ_VLLM_PREFILL_ROWS", PREFILL_ROWS)) // GP)
+    return KernelMeta(num_decode_rows=int(num_decode_rows), num_splits=S, decode_tile=tile, prefill_qt=qt)
+
+
+def _meta(plan, H, Hq, meta):
+    if meta is not None:
+        return meta
+    cached = getattr(plan, "_tq_kernel_meta", None)
+    if cached is not None and cached[0] == (H, Hq):
+        return cached[1]
+    m = prepare(plan, H, Hq)
+    try:
+        plan._tq_kernel_meta = ((H, Hq), m)
+    except Exception:  # pragma: no cover
+        pass
+    return m
+
+
+# ------------------------------------------------------------------------------------------------------------
+# store
+# ------------------------------------------------------------------------------------------------------------
+_DUMMIES: dict = {}
+
+
+def _sink_args(sink, device, dtype):
+    """(kv, tags, n, strides, given) of a sink table `(kv [N, 2, H, D], tags [N, H] int64)`, or cached dummies."""
+    if sink is None:
+        key = (str(device), dtype)
+        if key not in _DUMMIES:
+            _DUMMIES[key] = (torch.zeros(1, dtype=dtype, device=device),
+                             torch.zeros(1, dtype=torch.int64, device=device))
+        z, zt = _DUMMIES[key]
+        return z, zt, 1, (0, 0, 0), False
+    kv, tags = sink
+    assert kv.stride(-1) == 1 and tags.is_contiguous()
+    return kv, tags, tags.shape[0], (kv.stride(0), kv.stride(1), kv.stride(2)), True
+
+
+def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None) -> None:
+    """Quantize the blocks completed in this step (`plan.qb_row/qb_idx`, rows < 0 skipped) into their pages; first
+    blocks of a sequence get the sink tag and (if `sink` = (kv [N, 2, H, D], tags [N, H]) is given) record their
+    exact token 0 in the sink table."""
+    if not use_triton(kv_cache, force):
+        if plan.qb_row.numel() and bool((plan.qb_row < 0).any()):
+            keep = plan.qb_row >= 0
+            plan = _subplan_blocks(plan, keep)
+        return _ref.store_full_blocks(codec, kv_cache, staging, key, value, plan, sink)
+    Mb = plan.qb_row.numel()
+    if Mb == 0:
+        return
+    lay = codec.layout
+    D, B = lay.head_dim, lay.block_size
+    nb, H, Bc, C = kv_cache.shape
+    codec.page_view(kv_cache)  # validates shape/dtype
+    tb = tables(codec, kv_cache.device)
+    kw = store_constexprs(lay)
+    DP = next_pow2(D)
+    BP = next_pow2(B)
+    TS = min(BP, STORE_ROWS)
+    NSUB = math.ceil(B / TS)
+    NBLK = max(1, STORE_ROWS // BP)
+    mod = _kmod("store")
+    for t in (key, value):
+        assert t.stride(-1) == 1
+    assert staging.stride(-1) == 1
+    bt = plan.block_table
+    pi16, pm1, rsd = tb.rot_for(key.dtype)
+    skv, stag, nsink, sst, has_sink = _sink_args(sink, key.device, key.dtype)
+    _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK), H), (
+        key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot, plan.qb_row,
+        plan.qb_idx, tb.rot, pi16, tb.qjl, tb.bnd["k"], tb.bnd["v"], tb.bnd["k_mean"], tb.bnd["v_mean"], tb.c32["k"],
+        tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd, nsink,
+        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"],
+        H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
+        **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
+
+
+def _subplan_blocks(plan, keep):
+    import dataclasses
+    return dataclasses.replace(plan, qb_row=plan.qb_row[keep], qb_idx=plan.qb_idx[keep])
+
+
+def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: StepPlan,
+                  force: str | None = None) -> None:
+    """Copy the exact K/V of every row's open block (positions max(ctx, seq//B*B) .. seq-1) to its slot."""
+    if not use_triton(staging, force):
+        return _ref.write_staging(staging, key, value, plan)
+    R = plan.num_rows
+    if R == 0:
+        return
+    S_, two, B, H, D = staging.shape
+    mod = _kmod("store")
+    _launch("staging", mod._tq_staging_kernel, (R, H), (
+        key, value, staging, plan.query_start_loc, plan.seq_lens, plan.open_slot,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3)),
+        dict(D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), num_warps=4))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------------------
+def _tile_cfg(B: int, tile: int):
+    BP = next_pow2(B)
+    BPS = min(BP, tile)
+    TP = max(1, tile // BP)
+    SUBT = BP // BPS
+    return BP, BPS, TP, SUBT
+
+
+def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    kv_cache: torch.Tensor, staging: torch.Tensor, plan: StepPlan, scale: float,
+                    out: torch.Tensor | None = None, meta: KernelMeta | None = None,
+                    force: str | None = None, sink=None) -> torch.Tensor:
+    """Causal attention of the step's queries with decode semantics (earlier blocks from pages, own block exact;
+    token 0 of a first block exact from the sink table `sink` when its tag matches).
+    Returns `out` [T, Hq, D] (query dtype unless `out` is given). Call after `store_blocks` and before
+    `write_staging` of the same step."""
+    T, Hq, D = query.shape
+    if out is None:
+        out = torch.empty(T, Hq, D, dtype=query.dtype if query.dtype != torch.float32 else torch.float32,
+                          device=query.device)
+    if not use_triton(query, force):
+        o = _ref.attention(codec, query, key, value, kv_cache, staging, plan, scale, sink=sink)
+        out.copy_(o.to(out.dtype))
+        return out
+    H = key.shape[1]
+    G = Hq // H
+    GP = max(next_pow2(G), int(os.environ.get("TQ_VLLM_MIN_GP", "1")))
+    R = plan.num_rows
+    if R == 0 or T == 0:
+        return out
+    meta = _meta(plan, H, Hq, meta)
+    lay = codec.layout
+    B = lay.block_size
+    kw = layout_constexprs(lay)
+    kw.pop("D"), kw.pop("B")
+    tb = tables(codec, query.device)
+    mod = _kmod("attention")
+    DP = next_pow2(D)
+    for t in (query, key, value, staging, out):
+        assert t.stride(-1) == 1, "last dim must be contiguous"
+    bt = plan.block_table
+    piq, pm1, rsd = tb.rot_for(query.dtype)
+    skv, stag, nsink, sst, has_sink = _sink_args(sink, query.device, query.dtype)
+    kw["SINK"] = kw["SINK"] and has_sink
+    common = (query, key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot,
+              tb.rot, piq, tb.qjl_rot, tb.c16["k"], tb.c16["v"], tb.c16["k_mean"], tb.c16["v_mean"])
+    strides = (query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+               staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0),
+               out.stride(0), out.stride(1))
+    sm_log2 = float(scale) * mod.LOG2E
+    kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]))
+    nd = meta.num_decode_rows
+    if nd > 0:
+        S = meta.num_splits
+        BP, BPS, TP, SUBT = _tile_cfg(B, meta.decode_tile)
+        po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
+        pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
+        _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
+            *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, *sst, *strides), dict(
+            H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, NSPLIT=S, FUSED=False,
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("DECODE"), **kw),
+            fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
+        _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
+            po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1)), dict(
+            H=H, G=G, GP=GP, D=D, DP=DP, NS1=S + 1, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
+    if nd < R:
+        QT = meta.prefill_qt
+        BP, BPS, TP, SUBT = _tile_cfg(B, int(os.environ.get("TQ_VLLM_PREFILL_TILE", PREFILL_TILE)))
+        nqt = max(1, math.ceil(plan.max_query_len / QT))
+        _launch("prefill", mod._tq_attn_kernel, (R - nd, nqt, H), (
+            *common, out, out, out, skv, stag, nd, sm_log2, rsd, nsink, *sst, *strides), dict(
+            H=H, G=G, GP=GP, QT=QT, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=64, NSPLIT=1, FUSED=True,
+            DC=DC, M=QT * GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("PREFILL"), **kw),
+            fallbacks=({"num_warps": 4, "num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}))
+    return out
+
+
+def _lut_modes(codec, device, RK, RV):
+    """Decode path of K and V codes: prmt look-ups in inline PTX on CUDA (TQ_VLLM_LUT=gather turns them off)."""
+    if device.type != "cuda" or _interp() or os.environ.get("TQ_VLLM_LUT", "asm") != "asm":
+        return dict(KMODE=0, KASM="", VMODE=0, VASM="")
+    cache = codec.__dict__.setdefault("_tq_lut_modes", {})
+    key = (RK, RV)
+    if key not in cache:
+        from .lut import asm_for
+        km, ka = asm_for(codec.layout.k_bits, RK, codec.centroids["k"])
+        vm, va = asm_for(codec.layout.v_bits, RV, codec.centroids["v"])
+        cache[key] = dict(KMODE=km, KASM=ka, VMODE=vm, VASM=va)
+    return cache[key]
+
+
+def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
+                 out: torch.Tensor | None = None, meta: KernelMeta | None = None, force: str | None = None,
+                 sink=None):
+    """One layer's step: store the completed blocks, attend, then stage the open blocks. Returns out [T, Hq, D].
+    `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded)."""
+    store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
+    out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, force=force,
+                          sink=sink)
+    write_staging(staging, key, value, plan, force=force)
+    return out

@@ -1,0 +1,534 @@
+"""Paged attention over TurboQuant pages (decode semantics of docs/design.md), Triton.
+
+One program handles one KV head and all query heads of its GQA group (so a page is read once per group), for
+QT query tokens of one row: M = QT*GP score columns (GP = G padded to a power of two). Scores are computed as
+S^T = K_tile @ Q^T ([tokens, D] x [D, M]) and values as O^T += V_tile^T @ P^T ([D, tokens] x [tokens, M]), so the
+decoded K and V tiles are the A operands of the tensor-core dots: Triton loads their *codes* (bytes) straight into
+the A-operand register layout and decodes them there (no fp16 round trip through shared memory).
+
+Compressed pages are decoded straight to centroids (fp16) in *sub-lattices*: coordinate i = R*t + r is column t of
+lattice r, so each lattice reads contiguous bytes of the widest bit plane and a byte's nibbles never need a shuffle;
+the rotated query is built in the same permuted order (a dot product does not care about the order of its terms).
+Decoding is a `prmt` table look-up in inline PTX for 4-, 3- and 2-bit codes (lut.py), a table gather otherwise.
+Per-token scales multiply the score columns after the dot (keys) or the probabilities before it (values), the
+block mean is one more coded vector per page, the QJL term of "prod" keys one more ±1 matrix product with u = S·q'.
+
+The query's own block is exact (staging for positions < ctx, the step's K/V for the rest), and so is token 0 of a
+first block when the sink table holds it (its page tag matches the table entry; it is masked out of the page tile).
+
+Two launch modes:
+* split (decode rows, QT=1): grid (rows, 1, H*(NSPLIT+1)); split s < NSPLIT covers a range of page tiles (rotated
+  domain), split NSPLIT the exact keys (original domain); each writes (acc, m, l); `_tq_reduce_kernel` merges them
+  with a log-sum-exp and rotates the page part back by Π once.
+* fused (prefill / chunk rows): grid (rows, q-tiles, H); a program walks every page its queries may see, then the
+  exact keys (their values rotated into the page accumulator), and writes the output itself.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _plane(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr, O: tl.constexpr,
+           W: tl.constexpr):
+    """Bits of one plane (offset O, width W) for lattice r: element i = R*t + r of each row; int32."""
+    b = tl.load(ptr + (base + O + tok * (D * W // 8) + t // ((8 // W) // R)), mask=m2, other=0).to(tl.int32)
+    return (b >> (((t % ((8 // W) // R)) * R + r) * W)) & ((1 << W) - 1)
+
+
+@triton.jit
+def _codes(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr,
+           O0: tl.constexpr, W0: tl.constexpr, O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr,
+           W2: tl.constexpr):
+    code = _plane(ptr, base, tok, m2, t, R, r, D, O0, W0)
+    if W1 > 0:
+        code = code | (_plane(ptr, base, tok, m2, t, R, r, D, O1, W1) << W0)
+    if W2 > 0:
+        code = code | (_plane(ptr, base, tok, m2, t, R, r, D, O2, W2) << (W0 + W1))
+    return code
+
+
+@triton.jit
+def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: tl.constexpr, W0: tl.constexpr,
+             O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
+             ASM: tl.constexpr):
+    """fp16 centroids of all R lattices of a code tensor (rows base/tok, columns t): up to 4 [N, XP] tensors.
+    MODE 1/2: prmt look-ups in inline PTX (lut.py), one load per plane; MODE 0: table gathers (any bits)."""
+    if MODE == 1:  # 4-bit codes, R == 2
+        b = tl.load(ptr + (base + O0 + tok * (D // 2) + t), mask=m2, other=0)
+        c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        c2 = c0
+        c3 = c1
+    elif MODE == 2:  # 2/3-bit codes, R == 4
+        p0 = tl.load(ptr + (base + O0 + tok * (D // 4) + t), mask=m2, other=0)
+        if W1 > 0:
+            p1 = tl.load(ptr + (base + O1 + tok * (D // 8) + t // 2), mask=m2, other=0).to(tl.int32)
+            hh = ((p1 >> ((t % 2) * 4)) & 15).to(tl.uint8)
+        else:
+            hh = tl.zeros_like(p0)
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [p0, hh],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        c0 = _lut(C16, _codes(ptr, base, tok, m2, t, R, 0, D, O0, W0, O1, W1, O2, W2))
+        c1 = c0
+        c2 = c0
+        c3 = c0
+        if R > 1:
+            c1 = _lut(C16, _codes(ptr, base, tok, m2, t, R, 1, D, O0, W0, O1, W1, O2, W2))
+        if R > 2:
+            c2 = _lut(C16, _codes(ptr, base, tok, m2, t, R, 2, D, O0, W0, O1, W1, O2, W2))
+            c3 = _lut(C16, _codes(ptr, base, tok, m2, t, R, 3, D, O0, W0, O1, W1, O2, W2))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _bf16_at(ptr, off, idx, mask):
+    """bf16 values at byte offset `off` (2-aligned) + 2*idx, as float32."""
+    p = (ptr + off).to(tl.pointer_type(tl.bfloat16))
+    return tl.load(p + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mdot(a, b, INTERP: tl.constexpr):
+    """tl.dot of model-dtype operands (the CPU interpreter of Triton 3.9 mis-multiplies bf16: use fp32 there)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _qrot(Q, qoff, mvalid, MAT, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr, XP: tl.constexpr,
+          M: tl.constexpr, DC: tl.constexpr, PM1: tl.constexpr, INTERP: tl.constexpr):
+    """Lattice r of q @ MAT.T for the M query rows at Q + qoff[m]: [M, XP] float32 (columns t: MAT row R*t + r).
+    PM1: MAT holds sqrt(D)*Π = ±1 in the query dtype (exact), so one 16-bit tensor-core pass with fp32
+    accumulation is as exact as fp32 (the caller multiplies by 1/sqrt(D)); else MAT is fp32 (ieee dot)."""
+    t = tl.arange(0, XP)
+    tm = t < D // R
+    acc = tl.zeros([M, XP], dtype=tl.float32)
+    for c in tl.static_range(0, D, DC):
+        dd = c + tl.arange(0, DC)
+        q = tl.load(Q + qoff[:, None] + dd[None, :], mask=mvalid[:, None], other=0.0)
+        mt = tl.load(MAT + (R * t[None, :] + r) * D + dd[:, None], mask=tm[None, :], other=0.0)  # [DC, XP]
+        if PM1:
+            acc += _mdot(q, mt.to(q.dtype), INTERP)
+        else:
+            acc += tl.dot(q.to(tl.float32), mt, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _lut(C16, code):
+    return tl.load(C16 + code)
+
+
+@triton.jit
+def _vexact_acc(acc, VT_ST, VT_IN, stg_ok, in_ok, pe, PI, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr,
+                XP: tl.constexpr, DC: tl.constexpr, NE: tl.constexpr, INTERP: tl.constexpr):
+    """acc[XP, M] += Π_r (V^T P^T): exact values of NE keys weighted by pe [NE, M], rotated into lattice r."""
+    t = tl.arange(0, XP)
+    tm = t < D // R
+    for c in tl.static_range(0, D, DC):
+        dd = c + tl.arange(0, DC)
+        vs = tl.load(VT_ST[None, :] + dd[:, None], mask=stg_ok[None, :], other=0.0)
+        vi = tl.load(VT_IN[None, :] + dd[:, None], mask=in_ok[None, :], other=0.0)
+        vt = tl.where(stg_ok[None, :], vs.to(pe.dtype), vi.to(pe.dtype))  # [DC, NE]
+        w = _mdot(vt, pe, INTERP)  # [DC, M] fp32
+        pr = tl.load(PI + (R * t[:, None] + r) * D + dd[None, :], mask=tm[:, None], other=0.0)  # [XP, DC]
+        acc += tl.dot(pr, w, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _tq_attn_kernel(
+    Q, KIN, VIN, STG, CACHE, BT, QSL, SEQ, CSLOT,
+    PI, PIQ, SPI, CK, CV, CKM, CVM,
+    PO, PML, OUT, SKV, STAG,
+    row0, sm_log2, rsd, n_sink, s_k0, s_k1, s_k2,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
+    s_g0, s_g1, s_g2, s_g3,
+    s_bt, s_ot, s_oh,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QT: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    B: tl.constexpr, BPS: tl.constexpr, TP: tl.constexpr, SUBT: tl.constexpr, NE: tl.constexpr,
+    PAGE: tl.constexpr,
+    RK: tl.constexpr, XK: tl.constexpr, RV: tl.constexpr, XV: tl.constexpr,
+    KO0: tl.constexpr, KW0: tl.constexpr, KO1: tl.constexpr, KW1: tl.constexpr, KO2: tl.constexpr,
+    KW2: tl.constexpr, KSO: tl.constexpr,
+    VO0: tl.constexpr, VW0: tl.constexpr, VO1: tl.constexpr, VW1: tl.constexpr, VO2: tl.constexpr,
+    VW2: tl.constexpr, VSO: tl.constexpr,
+    KC: tl.constexpr, KMO0: tl.constexpr, KMW0: tl.constexpr, KMO1: tl.constexpr, KMW1: tl.constexpr,
+    KMO2: tl.constexpr, KMW2: tl.constexpr, KMSO: tl.constexpr,
+    VC: tl.constexpr, VMO0: tl.constexpr, VMW0: tl.constexpr, VMO1: tl.constexpr, VMW1: tl.constexpr,
+    VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
+    PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr,
+    NSPLIT: tl.constexpr, FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
+    INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr, KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr,
+):
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    z = tl.program_id(2)
+    if FUSED:
+        h = z
+        s = 0
+    else:
+        h = z // (NSPLIT + 1)
+        s = z % (NSPLIT + 1)
+    r = row0 + i
+    qs = tl.load(QSL + r)
+    nq = tl.load(QSL + r + 1) - qs
+    L = tl.load(SEQ + r)
+    ctx = L - nq
+    q0 = j * QT
+    if q0 >= nq:
+        return
+    mm = tl.arange(0, M)
+    qi = mm // GP
+    g = mm % GP
+    mvalid = (g < G) & (q0 + qi < nq)
+    pos = ctx + q0 + qi
+    own = (pos // B) * B
+    p_max = ctx + tl.minimum(nq, q0 + QT) - 1
+    p_min = ctx + q0
+    n_pages = p_max // B
+    qoff = (qs + q0 + qi).to(tl.int64) * s_qt + (h * G + g) * s_qh  # [M]
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc0 = tl.zeros([XV, M], dtype=tl.float32)
+    if RV > 1:
+        acc1 = tl.zeros([XV, M], dtype=tl.float32)
+    if RV > 2:
+        acc2 = tl.zeros([XV, M], dtype=tl.float32)
+        acc3 = tl.zeros([XV, M], dtype=tl.float32)
+
+    # exact attention sink: token 0 of a quantized first block comes from the sink table when the page's tag
+    # matches its entry (then it is masked out of the page tiles and attended as an exact key)
+    sink_v = False
+    slot0 = 0
+    if SINK:
+        has0 = n_pages > 0
+        blk_0 = tl.load(BT + r.to(tl.int64) * s_bt, mask=has0, other=0).to(tl.int64)
+        tag = tl.load((CACHE + (blk_0 * H + h) * PAGE + SINKO).to(tl.pointer_type(tl.int64)), mask=has0, other=0)
+        slot0 = ((tag % n_sink) + n_sink) % n_sink
+        ttag = tl.load(STAG + slot0 * H + h, mask=has0 & (tag != 0), other=0)  # tags [N, H] contiguous
+        sink_v = has0 & (tag != 0) & (ttag == tag)
+
+    n_tiles = tl.cdiv(n_pages, TP) * SUBT
+    if FUSED:
+        t_lo = 0
+        t_hi = n_tiles
+        e_lo = (p_min // B) * B
+    else:
+        tps = tl.cdiv(n_tiles, NSPLIT)
+        t_lo = s * tps
+        t_hi = tl.where(s < NSPLIT, tl.minimum(t_lo + tps, n_tiles), t_lo)
+        e_lo = tl.where(s == NSPLIT, (p_min // B) * B, p_max + 1)
+    if t_hi > t_lo:
+        # ---- rotated, scaled query, lattice by lattice; per-column max for an fp16 operand ----
+        q_0 = _qrot(Q, qoff, mvalid, PIQ, RK, 0, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+        qmax = tl.max(tl.abs(q_0), axis=1)
+        if RK > 1:
+            q_1 = _qrot(Q, qoff, mvalid, PIQ, RK, 1, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+            qmax = tl.maximum(qmax, tl.max(tl.abs(q_1), axis=1))
+        if RK > 2:
+            q_2 = _qrot(Q, qoff, mvalid, PIQ, RK, 2, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+            q_3 = _qrot(Q, qoff, mvalid, PIQ, RK, 3, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+            qmax = tl.maximum(qmax, tl.maximum(tl.max(tl.abs(q_2), axis=1), tl.max(tl.abs(q_3), axis=1)))
+        qsc = tl.where(qmax > 0, qmax, 1.0)
+        qT0 = tl.trans((q_0 / qsc[:, None]).to(tl.float16))
+        if RK > 1:
+            qT1 = tl.trans((q_1 / qsc[:, None]).to(tl.float16))
+        if RK > 2:
+            qT2 = tl.trans((q_2 / qsc[:, None]).to(tl.float16))
+            qT3 = tl.trans((q_3 / qsc[:, None]).to(tl.float16))
+        if PROD:
+            u_0 = _qrot(Q, qoff, mvalid, SPI, RK, 0, D, XK, M, DC, False, INTERP)
+            umax = tl.max(tl.abs(u_0), axis=1)
+            if RK > 1:
+                u_1 = _qrot(Q, qoff, mvalid, SPI, RK, 1, D, XK, M, DC, False, INTERP)
+                umax = tl.maximum(umax, tl.max(tl.abs(u_1), axis=1))
+            if RK > 2:
+                u_2 = _qrot(Q, qoff, mvalid, SPI, RK, 2, D, XK, M, DC, False, INTERP)
+                u_3 = _qrot(Q, qoff, mvalid, SPI, RK, 3, D, XK, M, DC, False, INTERP)
+                umax = tl.maximum(umax, tl.maximum(tl.max(tl.abs(u_2), axis=1), tl.max(tl.abs(u_3), axis=1)))
+            usc = tl.where(umax > 0, umax, 1.0)
+            uT0 = tl.trans((u_0 / usc[:, None]).to(tl.float16))
+            if RK > 1:
+                uT1 = tl.trans((u_1 / usc[:, None]).to(tl.float16))
+            if RK > 2:
+                uT2 = tl.trans((u_2 / usc[:, None]).to(tl.float16))
+                uT3 = tl.trans((u_3 / usc[:, None]).to(tl.float16))
+            # sqrt(pi/2)/D * (S q') . sign, in the same log2 units as the scores
+            usc = usc * (1.2533141373155003 / D) * sm_log2
+        tK = tl.arange(0, XK)[None, :]
+        tKm = tK < D // RK
+        tVT = tl.arange(0, XV)[:, None]  # values are decoded transposed, [XV, tokens]: the dot's A operand
+        tVmT = tVT < D // RV
+        nr = tl.arange(0, NR)
+        tp = nr // BPS
+        bb = nr % BPS
+        pp = tl.arange(0, TP)
+        bt_row = BT + r.to(tl.int64) * s_bt
+        for it in range(t_lo, t_hi):
+            pg = it // SUBT
+            sub = it % SUBT
+            jpage = pg * TP + tp
+            tok = sub * BPS + bb
+            rvalid = (jpage < n_pages) & (tok < B)
+            blk = tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64)
+            base = (blk * H + h) * PAGE
+            b2 = base[:, None]
+            t2 = tok[:, None]
+            m2 = rvalid[:, None]
+            # ---- keys: centroid dot products, scaled per token ----
+            k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
+                                          KMODE, KASM)
+            x = tl.dot(k0_, qT0)
+            if RK > 1:
+                x += tl.dot(k1_, qT1)
+            if RK > 2:
+                x += tl.dot(k2_, qT2)
+                x += tl.dot(k3_, qT3)
+            ks = _bf16_at(CACHE, base + KSO, tok, rvalid)
+            sc = x * ks[:, None]
+            if KC or VC:
+                jp = pg * TP + pp
+                pvalid = jp < n_pages
+                pblk = tl.load(bt_row + jp, mask=pvalid, other=0).to(tl.int64)
+                pbase = (pblk * H + h) * PAGE
+                pb2 = pbase[:, None]
+                pm2 = pvalid[:, None]
+            if KC:
+                n0_, n1_, n2_, n3_ = _dec_all(CACHE, pb2, 0, pm2 & tKm, tK, CKM, RK, D, KMO0, KMW0, KMO1, KMW1,
+                                              KMO2, KMW2, 0, "")
+                y = tl.dot(n0_, qT0)
+                if RK > 1:
+                    y += tl.dot(n1_, qT1)
+                if RK > 2:
+                    y += tl.dot(n2_, qT2)
+                    y += tl.dot(n3_, qT3)
+                kms = _bf16_at(CACHE, pbase + KMSO, 0, pvalid)
+                y = y * kms[:, None]  # [TP, M]
+                sc += tl.reshape(tl.broadcast_to(y[:, None, :], [TP, BPS, M]), [NR, M])
+            sc = sc * qsc[None, :]
+            if PROD:
+                zd = tl.dot((_codes(CACHE, b2, t2, m2 & tKm, tK, RK, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+                             ).to(tl.float16), uT0)
+                if RK > 1:
+                    zd += tl.dot((_codes(CACHE, b2, t2, m2 & tKm, tK, RK, 1, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+                                  ).to(tl.float16), uT1)
+                if RK > 2:
+                    zd += tl.dot((_codes(CACHE, b2, t2, m2 & tKm, tK, RK, 2, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+                                  ).to(tl.float16), uT2)
+                    zd += tl.dot((_codes(CACHE, b2, t2, m2 & tKm, tK, RK, 3, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+                                  ).to(tl.float16), uT3)
+                rn = _bf16_at(CACHE, base + RNO, tok, rvalid)
+                sc += zd * rn[:, None] * usc[None, :]
+            vis = m2 & mvalid[None, :] & (jpage[:, None] < (pos // B)[None, :])
+            if SINK:
+                vis = vis & ~(sink_v & (jpage == 0) & (tok == 0))[:, None]
+            sc = tl.where(vis, sc, float("-inf"))
+            # ---- online softmax over the token axis ----
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(sc - m_use[None, :])  # [NR, M]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+            # ---- values: per-token scale folded into P (normalised to keep fp16 in range) ----
+            vsc = _bf16_at(CACHE, base + VSO, tok, rvalid)
+            vmx = tl.max(tl.abs(vsc), axis=0)
+            vmx = tl.where(vmx > 0, vmx, 1.0)
+            pv = (p * (vsc / vmx)[:, None]).to(tl.float16)
+            if VC:
+                vms = _bf16_at(CACHE, pbase + VMSO, 0, pvalid)  # [TP]
+                vmm = tl.max(tl.abs(vms), axis=0)
+                vmm = tl.where(vmm > 0, vmm, 1.0)
+                vms_t = tl.reshape(tl.broadcast_to((vms / vmm)[:, None], [TP, BPS]), [NR])
+                pm = (p * vms_t[:, None]).to(tl.float16)
+            bT = base[None, :]
+            tokT = tok[None, :]
+            mT = rvalid[None, :] & tVmT
+            v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
+                                          VMODE, VASM)
+            acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vmx
+            if RV > 1:
+                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vmx
+            if RV > 2:
+                acc2 = acc2 * alpha[None, :] + tl.dot(v2_, pv) * vmx
+                acc3 = acc3 * alpha[None, :] + tl.dot(v3_, pv) * vmx
+            if VC:
+                m0_, m1_, m2_, m3_ = _dec_all(CACHE, pbase[None, :], 0, pvalid[None, :] & tVmT, tVT, CVM, RV, D,
+                                              VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, 0, "")  # [XV, TP]
+                acc0 += tl.dot(tl.reshape(tl.broadcast_to(m0_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
+                if RV > 1:
+                    acc1 += tl.dot(tl.reshape(tl.broadcast_to(m1_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
+                if RV > 2:
+                    acc2 += tl.dot(tl.reshape(tl.broadcast_to(m2_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
+                    acc3 += tl.dot(tl.reshape(tl.broadcast_to(m3_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
+
+    # ---- own blocks, exact: staging (positions < ctx) and this step's K/V (positions >= ctx) ----
+    cslot = tl.load(CSLOT + r).to(tl.int64)
+    cb = (ctx // B) * B
+    dd = tl.arange(0, DP)
+    dm = dd < D
+    qraw = tl.load(Q + qoff[:, None] + dd[None, :], mask=mvalid[:, None] & dm[None, :], other=0.0)
+    qT = tl.trans(qraw)  # [DP, M] model dtype
+    stg_k = STG + cslot * s_g0 + h * s_g3
+    stg_v = stg_k + s_g1
+    accx = tl.zeros([DP, M], dtype=tl.float32)  # split mode: exact values in the original domain
+    if SINK:
+        if FUSED:
+            do_sink = sink_v
+        else:
+            do_sink = sink_v & (s == NSPLIT)
+        if do_sink:
+            sk = SKV + slot0 * s_k0 + h * s_k2
+            k0 = tl.load(sk + dd, mask=dm, other=0.0).to(tl.float32)
+            v0 = tl.load(sk + s_k1 + dd, mask=dm, other=0.0).to(tl.float32)
+            s0 = tl.sum(qraw.to(tl.float32) * k0[None, :], axis=1) * sm_log2
+            s0 = tl.where(mvalid & (pos // B > 0), s0, float("-inf"))
+            m_new = tl.maximum(m_i, s0)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p0 = tl.exp2(s0 - m_use)
+            l_i = l_i * alpha + p0
+            m_i = m_new
+            if FUSED:
+                tv0 = tl.arange(0, XV)
+                tvm0 = (tv0 < D // RV)[:, None] & dm[None, :]
+                pr = tl.load(PI + (RV * tv0[:, None] + 0) * D + dd[None, :], mask=tvm0, other=0.0)
+                acc0 = acc0 * alpha[None, :] + tl.sum(pr * v0[None, :], axis=1)[:, None] * p0[None, :]
+                if RV > 1:
+                    pr = tl.load(PI + (RV * tv0[:, None] + 1) * D + dd[None, :], mask=tvm0, other=0.0)
+                    acc1 = acc1 * alpha[None, :] + tl.sum(pr * v0[None, :], axis=1)[:, None] * p0[None, :]
+                if RV > 2:
+                    pr = tl.load(PI + (RV * tv0[:, None] + 2) * D + dd[None, :], mask=tvm0, other=0.0)
+                    acc2 = acc2 * alpha[None, :] + tl.sum(pr * v0[None, :], axis=1)[:, None] * p0[None, :]
+                    pr = tl.load(PI + (RV * tv0[:, None] + 3) * D + dd[None, :], mask=tvm0, other=0.0)
+                    acc3 = acc3 * alpha[None, :] + tl.sum(pr * v0[None, :], axis=1)[:, None] * p0[None, :]
+            else:
+                accx = accx * alpha[None, :] + v0[:, None] * p0[None, :]
+    for k0 in range(e_lo, p_max + 1, NE):
+        kk = k0 + tl.arange(0, NE)
+        kval = kk <= p_max
+        st_ok = kval & (kk < ctx)
+        in_ok = kval & (kk >= ctx)
+        st_off = (kk - cb).to(tl.int64) * s_g2
+        ink = (qs + kk - ctx).to(tl.int64)
+        ksv = tl.load(stg_k + st_off[:, None] + dd[None, :], mask=st_ok[:, None] & dm[None, :], other=0.0)
+        kiv = tl.load(KIN + ink[:, None] * s_kt + h * s_kh + dd[None, :], mask=in_ok[:, None] & dm[None, :],
+                      other=0.0)
+        kx = tl.where(st_ok[:, None], ksv.to(qT.dtype), kiv.to(qT.dtype))  # [NE, DP]
+        se = _mdot(kx, qT, INTERP) * sm_log2  # [NE, M]
+        vis = kval[:, None] & mvalid[None, :] & (kk[:, None] >= own[None, :]) & (kk[:, None] <= pos[None, :])
+        se = tl.where(vis, se, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(se, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(se - m_use[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        pe = p.to(qT.dtype)
+        vt_st = stg_v + st_off
+        vt_in = VIN + ink * s_vt + h * s_vh
+        if FUSED:
+            acc0 = _vexact_acc(acc0 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 0, D, XV, DC, NE,
+                               INTERP)
+            if RV > 1:
+                acc1 = _vexact_acc(acc1 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 1, D, XV, DC, NE,
+                                   INTERP)
+            if RV > 2:
+                acc2 = _vexact_acc(acc2 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 2, D, XV, DC, NE,
+                                   INTERP)
+                acc3 = _vexact_acc(acc3 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 3, D, XV, DC, NE,
+                                   INTERP)
+        else:
+            vs_ = tl.load(vt_st[None, :] + dd[:, None], mask=st_ok[None, :] & dm[:, None], other=0.0)
+            vi_ = tl.load(vt_in[None, :] + dd[:, None], mask=in_ok[None, :] & dm[:, None], other=0.0)
+            vt = tl.where(st_ok[None, :], vs_.to(pe.dtype), vi_.to(pe.dtype))  # [DP, NE]
+            accx = accx * alpha[None, :] + _mdot(vt, pe, INTERP)
+
+    tv = tl.arange(0, XV)
+    tvm = tv < D // RV
+    if FUSED:
+        # out = (acc' / l) · Π, written per chunk of the head dim
+        lsafe = tl.where(l_i > 0, l_i, 1.0)
+        otok = (qs + q0 + qi).to(tl.int64) * s_ot + (h * G + g) * s_oh
+        for c in tl.static_range(0, D, DC):
+            dd = c + tl.arange(0, DC)
+            pr = tl.load(PI + (RV * tv[None, :] + 0) * D + dd[:, None], mask=tvm[None, :], other=0.0)  # [DC, XV]
+            o = tl.dot(pr, acc0, input_precision="ieee")
+            if RV > 1:
+                pr = tl.load(PI + (RV * tv[None, :] + 1) * D + dd[:, None], mask=tvm[None, :], other=0.0)
+                o += tl.dot(pr, acc1, input_precision="ieee")
+            if RV > 2:
+                pr = tl.load(PI + (RV * tv[None, :] + 2) * D + dd[:, None], mask=tvm[None, :], other=0.0)
+                o += tl.dot(pr, acc2, input_precision="ieee")
+                pr = tl.load(PI + (RV * tv[None, :] + 3) * D + dd[:, None], mask=tvm[None, :], other=0.0)
+                o += tl.dot(pr, acc3, input_precision="ieee")
+            o = o / lsafe[None, :]  # [DC, M]
+            tl.store(OUT + otok[None, :] + dd[:, None], o.to(OUT.dtype.element_ty), mask=mvalid[None, :])
+    else:
+        # partials: PO [rows, H, NSPLIT+1, GP, D] (rotated domain, natural coordinate order), PML [.., 2, GP]
+        # split NSPLIT (the exact own block) is in the original domain, the others in the rotated one
+        pidx = ((i * H + h) * (NSPLIT + 1) + s).to(tl.int64)
+        po = PO + pidx * (GP * D) + mm[None, :] * D
+        if s == NSPLIT:
+            tl.store(po + dd[:, None], accx, mask=dm[:, None])
+        else:
+            tl.store(po + RV * tv[:, None] + 0, acc0, mask=tvm[:, None])
+            if RV > 1:
+                tl.store(po + RV * tv[:, None] + 1, acc1, mask=tvm[:, None])
+            if RV > 2:
+                tl.store(po + RV * tv[:, None] + 2, acc2, mask=tvm[:, None])
+                tl.store(po + RV * tv[:, None] + 3, acc3, mask=tvm[:, None])
+        tl.store(PML + pidx * (2 * GP) + mm, m_i)
+        tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
+
+
+@triton.jit
+def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, s_ot, s_oh,
+                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                      NS1: tl.constexpr, S1P: tl.constexpr, DC: tl.constexpr):
+    """Log-sum-exp merge of the split partials of one (decode row, KV head): partials 0..NS1-2 (pages, rotated
+    domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is already unrotated."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    r = row0 + i
+    qs = tl.load(QSL + r)
+    nq = tl.load(QSL + r + 1) - qs
+    if nq <= 0:
+        return
+    sidx = tl.arange(0, S1P)
+    gg = tl.arange(0, GP)
+    sv = sidx < NS1
+    pbase = ((i * H + h) * NS1).to(tl.int64)
+    ml = PML + (pbase + sidx[:, None]) * (2 * GP) + gg[None, :]
+    m_s = tl.load(ml, mask=sv[:, None], other=float("-inf"))
+    l_s = tl.load(ml + GP, mask=sv[:, None], other=0.0)
+    m = tl.max(m_s, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(m_s - m[None, :])  # [S1P, GP]
+    w = tl.where(sv[:, None], w, 0.0)
+    lt = tl.sum(w * l_s, axis=0)
+    lt = tl.where(lt > 0, lt, 1.0)
+    dd = tl.arange(0, DP)
+    dm = dd < D
+    w_x = tl.sum(tl.where((sidx == NS1 - 1)[:, None], w, 0.0), axis=0)  # [GP] weight of the exact partial
+    out = tl.load(PO + ((pbase + NS1 - 1) * GP + gg[:, None]) * D + dd[None, :], mask=dm[None, :], other=0.0)
+    out = out * w_x[:, None]
+    wr = tl.where((sidx < NS1 - 1)[:, None], w, 0.0)
+    for c in tl.static_range(0, D, DC):
+        dc = c + tl.arange(0, DC)
+        po = PO + ((pbase + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
+        o = tl.sum(tl.load(po, mask=(sidx < NS1 - 1)[:, None, None], other=0.0) * wr[:, :, None], axis=0)
+        pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
+        out += tl.dot(o, pr, input_precision="ieee")
+    out = out / lt[:, None]
+    optr = OUT + qs.to(tl.int64) * s_ot + (h * G + gg[:, None]) * s_oh + dd[None, :]
+    tl.store(optr, out.to(OUT.dtype.element_ty), mask=(gg[:, None] < G) & dm[None, :])

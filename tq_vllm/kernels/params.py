@@ -1,0 +1,169 @@
+"""Host-side constants of the Triton kernels: layout offsets as constexprs, device tables, launch choices.
+
+Nothing here touches device memory after the first call per (codec, device): the tables are cached on the codec.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from tq_vllm.quant.codec import LayerCodec
+from tq_vllm.quant.packing import plane_widths
+
+DC = 32  # head-dim chunk of the in-kernel fp32 matrix products (every supported head_dim is a multiple of 32)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def floor_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def _planes(layout, kind, prefix):
+    """(offset, width) of up to 3 planes of `kind`, as constexpr kwargs `{prefix}O{j}`, `{prefix}W{j}`."""
+    fs = layout.planes(kind)
+    ws = plane_widths(layout.bits_of(kind))
+    assert len(fs) == len(ws) <= 3, (kind, fs, ws)
+    out = {}
+    for j in range(3):
+        out[f"{prefix}O{j}"] = fs[j].offset if j < len(fs) else 0
+        out[f"{prefix}W{j}"] = ws[j] if j < len(ws) else 0
+    return out
+
+
+def lattice(D: int, widest: list[int]) -> int:
+    """Sub-lattice count R: coordinate i = R*t + r is decoded as column t of lattice r, so that the codes of one
+    lattice come from contiguous bytes of the widest plane. R divides 8/w for every plane read with it and keeps
+    D/R >= 16 (the K dim of tl.dot)."""
+    R = min([8 // w for w in widest] + [max(1, D // 16)])
+    return floor_pow2(R)
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_constexprs(preset_key, layout):
+    p = layout.preset
+    D = layout.head_dim
+    kw = {}
+    kw.update(_planes(layout, "k", "K"))
+    kw.update(_planes(layout, "v", "V"))
+    kw["KSO"] = layout.offset("k_scale")
+    kw["VSO"] = layout.offset("v_scale")
+    kw["KC"] = bool(p.k_center)
+    kw["VC"] = bool(p.v_center)
+    if p.k_center:
+        kw.update(_planes(layout, "k_mean", "KM"))
+        kw["KMSO"] = layout.offset("k_mean_scale")
+    else:
+        kw.update({f"KM{a}{j}": 0 for a in "OW" for j in range(3)})
+        kw["KMSO"] = 0
+    if p.v_center:
+        kw.update(_planes(layout, "v_mean", "VM"))
+        kw["VMSO"] = layout.offset("v_mean_scale")
+    else:
+        kw.update({f"VM{a}{j}": 0 for a in "OW" for j in range(3)})
+        kw["VMSO"] = 0
+    kw["PROD"] = p.k_mode == "prod"
+    kw["QJO"] = layout.offset("k_qjl") if kw["PROD"] else 0
+    kw["RNO"] = layout.offset("k_rnorm") if kw["PROD"] else 0
+    kw["SINK"] = bool(getattr(p, "sink", False)) and "sink_tag" in layout.fields
+    kw["SINKO"] = layout.offset("sink_tag") if kw["SINK"] else 0
+    kw["PAGE"] = layout.page_bytes
+    kw["D"] = D
+    kw["B"] = layout.block_size
+    # lattices used by attention
+    kwid = [kw["KW0"]] + ([kw["KMW0"]] if p.k_center else []) + ([1] if kw["PROD"] else [])
+    vwid = [kw["VW0"]] + ([kw["VMW0"]] if p.v_center else [])
+    RK, RV = lattice(D, kwid), lattice(D, vwid)
+    kw["RK"], kw["RV"] = RK, RV
+    kw["XK"], kw["XV"] = next_pow2(D // RK), next_pow2(D // RV)
+    return kw
+
+
+def layout_constexprs(layout) -> dict:
+    """Constexpr kwargs shared by the attention kernels (offsets, widths, lattices) of a PageLayout."""
+    return dict(_layout_constexprs(layout.preset, layout))
+
+
+def store_constexprs(layout) -> dict:
+    kw = layout_constexprs(layout)
+    p = layout.preset
+    for k in ("RK", "RV", "XK", "XV"):
+        kw.pop(k)
+    kw["KBITS"] = layout.k_bits
+    kw["VBITS"] = layout.v_bits
+    kw["MBITS"] = p.mean_bits
+    kw["NORM"] = p.scale == "norm"
+    kw["USED"] = layout.used_bytes
+    kw["PADP"] = next_pow2(max(1, layout.page_bytes - layout.used_bytes))
+    return kw
+
+
+class DeviceTables:
+    """Per-layer device constants the kernels read: Π (fp32), S·Π for prod keys, codebooks and boundaries."""
+
+    def __init__(self, codec: LayerCodec, device: torch.device):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.rot = codec.rot.to(**f32).contiguous()  # Π, y = x @ Π.T
+        # randomized Hadamard: sqrt(D)*Π is exactly ±1, so 16-bit tensor-core products with fp32 accumulation are as
+        # exact as an fp32 product; keep it in both 16-bit dtypes (None for dense QR rotations)
+        D = codec.head_dim
+        pm = codec.rot.double() * math.sqrt(D)
+        self.pm1 = bool(torch.all((pm.abs() - 1).abs() < 1e-6))
+        self.rsd = 1.0 / math.sqrt(D) if self.pm1 else 1.0
+        self.rot16 = {}
+        if self.pm1:
+            for dt in (torch.bfloat16, torch.float16):
+                self.rot16[dt] = pm.round().to(device=device, dtype=dt).contiguous()
+        if codec.qjl is not None:
+            self.qjl = codec.qjl.to(**f32).contiguous()  # S
+            self.qjl_rot = (codec.qjl.double() @ codec.rot.double()).to(**f32).contiguous()  # S·Π: u = q @ (SΠ).T
+        else:
+            self.qjl = self.qjl_rot = torch.zeros(1, **f32)
+        from tq_vllm.quant.codec import _sink_coeffs
+        self.sink_coef = _sink_coeffs(2 * D, device).contiguous()  # [4, 2D] int64, as codec.sink_tags
+        self.c32, self.c16, self.bnd = {}, {}, {}
+        for kind in ("k", "v", "k_mean", "v_mean"):
+            c = codec.centroids[kind].to(**f32).contiguous()
+            self.c32[kind] = c
+            self.c16[kind] = c.to(torch.float16)
+            self.bnd[kind] = codec.bounds[kind].to(**f32).contiguous()
+
+
+    def rot_for(self, dtype):
+        """(matrix, PM1, scale) for rotating `dtype` vectors: the exact ±1 matrix in that dtype, else fp32 Π."""
+        m = self.rot16.get(dtype)
+        if m is None:
+            return self.rot, False, 1.0
+        return m, True, self.rsd
+
+
+def tables(codec: LayerCodec, device) -> DeviceTables:
+    device = torch.device(device)
+    cache = codec.__dict__.setdefault("_tq_kernel_tables", {})
+    key = (device.type, device.index)
+    t = cache.get(key)
+    if t is None:
+        t = cache[key] = DeviceTables(codec, device)
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return 8
+
+
+def choose_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, tile_tokens: int, sms: int,
+                  factor: float = 2.0) -> int:
+    """Split-K count of the decode launch: enough programs to fill the GPU `factor` times, at least 2 tiles a
+    split. Depends only on host ints (CUDA-graph safe)."""
+    if num_rows <= 0:
+        return 1
+    want = math.ceil(factor * sms / max(1, num_rows * num_kv_heads))
+    tiles = max(1, math.ceil(max_seq_len / tile_tokens))
+    return int(max(1, min(want, math.ceil(tiles / 2), 64)))

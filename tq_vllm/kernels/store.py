@@ -1,0 +1,339 @@
+"""Fused store: gather the exact tokens of every block completed in a step, code them, write the head pages.
+
+One program per (completed block, KV head) writes the whole head page (both K and V, means, scales, QJL,
+zero padding), exactly as `PageLayout` / `LayerCodec.encode_blocks` do:
+  rotate (y = x @ Π.T, tensor cores, tf32x3 ~ fp32), block mean of y (centered kinds) coded with the mean codebook,
+  codes = bucketize(y/‖y‖, boundaries) (a binary search over the boundary table), least-squares or norm scale rounded
+  to bf16, bit planes packed token-major; prod keys add sign(S·e) and ‖e‖.
+Entries of `qb_row` < 0 are skipped, so a caller may pad the list to a fixed length (CUDA graphs).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(X, s_xt, s_xh, STGK, s_g2, qs, ctx, pos, tok, tvalid, h, dd, dmask):
+    """Exact rows: staging (slot row pointers STGK [T]) for positions < ctx, the step input for the rest.
+    qs, ctx, pos, tok, tvalid: [T] per-row vectors. Returns [T, len(dd)] fp32."""
+    from_stg = tvalid & (pos < ctx)
+    from_in = tvalid & (pos >= ctx)
+    m2 = dmask[None, :]
+    xs = tl.load(STGK[:, None] + tok.to(tl.int64)[:, None] * s_g2 + dd[None, :], mask=from_stg[:, None] & m2,
+                 other=0.0)
+    xi = tl.load(X + (qs + pos - ctx).to(tl.int64)[:, None] * s_xt + h * s_xh + dd[None, :],
+                 mask=from_in[:, None] & m2, other=0.0)
+    return tl.where(from_stg[:, None], xs.to(tl.float32), xi.to(tl.float32))
+
+
+@triton.jit
+def _rot_rows(X, s_xt, s_xh, STGK, s_g2, qs, ctx, pos, tok, tvalid, h, PI, PI16, rsd, D: tl.constexpr,
+              DP: tl.constexpr, DC: tl.constexpr, T: tl.constexpr, PM1: tl.constexpr, INTERP: tl.constexpr):
+    """y = x @ Π.T for T token rows: [T, DP] fp32 (columns >= D are 0). PM1: PI16 = sqrt(D)*Π = ±1 in the
+    16-bit input dtype, so one 16-bit tensor-core pass with fp32 accumulation is exact up to summation order
+    (times rsd = 1/sqrt(D)); else fp32 Π with tf32x3 (~fp32)."""
+    di = tl.arange(0, DP)
+    im = di < D
+    y = tl.zeros([T, DP], dtype=tl.float32)
+    for c in tl.static_range(0, D, DC):
+        dd = c + tl.arange(0, DC)
+        x = _load_rows(X, s_xt, s_xh, STGK, s_g2, qs, ctx, pos, tok, tvalid, h, dd, dd < D)
+        if PM1:
+            pt = tl.load(PI16 + di[None, :] * D + dd[:, None], mask=im[None, :], other=0.0)  # [DC, DP] ±1
+            if INTERP:
+                y += tl.dot(x, pt.to(tl.float32))
+            else:
+                y += tl.dot(x.to(pt.dtype), pt)
+        else:
+            pt = tl.load(PI + di[None, :] * D + dd[:, None], mask=im[None, :], other=0.0)  # Π.T chunk [DC, DP]
+            y += tl.dot(x, pt, input_precision="tf32x3")
+    if PM1:
+        y = y * rsd
+    return y
+
+
+@triton.jit
+def _bf16_round(x):
+    """float32 -> the float32 value of its bf16 rounding, round-to-nearest-even (NaN kept). Bit arithmetic, so the
+    CPU interpreter (which truncates in .to(bf16)) and the GPU agree with torch."""
+    b = x.to(tl.uint32, bitcast=True)
+    rb = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return tl.where(x != x, x, rb.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _robust_norm(y):
+    a = tl.abs(y)
+    mx = tl.max(a, axis=1)
+    safe = tl.where(mx > 0, mx, 1.0)
+    yn = y / safe[:, None]
+    return tl.sqrt(tl.sum(yn * yn, axis=1)) * mx
+
+
+@triton.jit
+def _all_finite(y):
+    ok = (y == y) & (tl.abs(y) < float("inf"))
+    return tl.min(ok.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr):
+    """encode_dir of rows y [T, DP] (pad columns 0): codes int32 [T, DP], bf16-rounded scale [T] fp32,
+    and the centroid values c[codes] (0 in pad columns)."""
+    nrm = _robust_norm(y)
+    finite = _all_finite(y) & (nrm == nrm) & (tl.abs(nrm) < float("inf"))
+    pos = finite & (nrm > 0)
+    u = y / tl.where(pos, nrm, 1.0)[:, None]
+    u = tl.where(pos[:, None], u, 0.0)
+    code = tl.zeros(y.shape, dtype=tl.int32)
+    for lev in tl.static_range(BITS):
+        cand = code + (1 << (BITS - 1 - lev))
+        thr = tl.load(BND + cand - 1)
+        code = tl.where(u > thr, cand, code)
+    c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
+    if NORM:
+        s = nrm
+    else:
+        s = tl.sum(y * c, axis=1) / tl.sum(c * c, axis=1)
+    s = tl.where(pos, s, 0.0)
+    s = tl.where(finite, s, float("nan"))
+    s = _bf16_round(s)
+    return code, s, c
+
+
+@triton.jit
+def _put_plane(PAGE_PTR, O: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, code, tok, tvalid,
+               D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr):
+    """PAGE_PTR: [T] page base pointer of each row."""
+    """Pack bits SH..SH+W-1 of codes [T, DP] into plane (offset O, width W), token-major."""
+    v = (code >> SH) & ((1 << W) - 1)
+    v3 = tl.reshape(v, [T, DP // (8 // W), 8 // W])
+    sh = tl.arange(0, 8 // W) * W
+    byte = tl.sum(v3 << sh[None, None, :], axis=2)
+    tt = tl.arange(0, DP // (8 // W))
+    tl.store(PAGE_PTR[:, None] + O + tok[:, None] * (D * W // 8) + tt[None, :], byte.to(tl.uint8),
+             mask=tvalid[:, None] & (tt[None, :] < D * W // 8))
+
+
+@triton.jit
+def _put_codes(PAGE_PTR, code, tok, tvalid, D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr,
+               O0: tl.constexpr, W0: tl.constexpr, O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr,
+               W2: tl.constexpr):
+    _put_plane(PAGE_PTR, O0, W0, 0, code, tok, tvalid, D, DP, T)
+    if W1 > 0:
+        _put_plane(PAGE_PTR, O1, W1, W0, code, tok, tvalid, D, DP, T)
+    if W2 > 0:
+        _put_plane(PAGE_PTR, O2, W2, W0 + W1, code, tok, tvalid, D, DP, T)
+
+
+@triton.jit
+def _put_bf16(PAGE_PTR, O: tl.constexpr, idx, val, mask):
+    """Store bf16-representable fp32 values as bf16 bits; NaN as 0xFFFF (what torch writes on CPU)."""
+    bits = (val.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
+    bits = tl.where(val != val, 0xFFFF, bits).to(tl.uint16)
+    p = (PAGE_PTR + O).to(tl.pointer_type(tl.uint16))  # PAGE_PTR [T]
+    tl.store(p + idx, bits, mask=mask)
+
+
+@triton.jit
+def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_ROW, PAGE_B, bval, PI, PI16, rsd,
+                SQ, BND, CEN, BNDM, CENM, PM1: tl.constexpr, INTERP: tl.constexpr,
+                D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, B: tl.constexpr, NBLK: tl.constexpr,
+                TS: tl.constexpr, NR: tl.constexpr, NSUB: tl.constexpr, BITS: tl.constexpr, NORM: tl.constexpr,
+                O0: tl.constexpr, W0: tl.constexpr, O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr,
+                W2: tl.constexpr, SO: tl.constexpr,
+                CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
+                MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
+                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr):
+    """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1).
+    Per-row vectors [NBLK*TS]: qs, ctx, blk0 (first position of the row's block), tvalid0 (block valid),
+    STG_ROW (staging slot pointer), PAGE_ROW (page base pointer); per block [NBLK]: PAGE_B, bval."""
+    di = tl.arange(0, DP)
+    dmask = di < D
+    n = tl.arange(0, NR)
+    ts = n % TS
+    bsel = tl.arange(0, NBLK)
+    if CENTER:
+        if NSUB == 1:
+            tvalid = tvalid0 & (ts < B)
+            y = _rot_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + ts, ts, tvalid, h, PI, PI16, rsd, D, DP, DC, NR,
+                           PM1, INTERP)
+            ysum = tl.sum(tl.reshape(y, [NBLK, TS, DP]), axis=1)  # [NBLK, DP] (invalid rows are 0)
+        else:
+            # NBLK == 1: sum x over the block's sub-tiles, then rotate the sum (rotation commutes with the mean)
+            ysum1 = tl.zeros([DP], dtype=tl.float32)
+            for c in tl.static_range(0, D, DC):
+                dd = c + tl.arange(0, DC)
+                xs = tl.zeros([DC], dtype=tl.float32)
+                for sb in range(NSUB):
+                    tok = sb * TS + ts
+                    x = _load_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + tok, tok, tvalid0 & (tok < B), h,
+                                   dd, dd < D)
+                    xs += tl.sum(x, axis=0)
+                pt = tl.load(PI + di[None, :] * D + dd[:, None], mask=dmask[None, :], other=0.0)  # [DC, DP]
+                ysum1 += tl.sum(pt * xs[:, None], axis=0)
+            ysum = ysum1[None, :]
+        mean = ysum / B  # [NBLK, DP]
+        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False)
+        mhat = ms[:, None] * mc  # [NBLK, DP]
+        _put_codes(PAGE_B, mcode, bsel * 0, bval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
+        _put_bf16(PAGE_B, MSO, bsel * 0, ms, bval)
+        if NSUB == 1:
+            mrow = tl.reshape(tl.broadcast_to(mhat[:, None, :], [NBLK, TS, DP]), [NR, DP])
+    for sb in range(NSUB):
+        tok = sb * TS + ts
+        tvalid = tvalid0 & (tok < B)
+        if CENTER and NSUB == 1:
+            yy = y - mrow
+        else:
+            yy = _rot_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + tok, tok, tvalid, h, PI, PI16, rsd, D, DP,
+                            DC, NR, PM1, INTERP)
+            if CENTER:
+                yy = yy - mhat
+        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM)
+        _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2)
+        _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
+        if PROD:
+            e = yy - s[:, None] * c
+            rn = _robust_norm(e)
+            rn = _bf16_round(tl.where(_all_finite(e), rn, float("nan")))
+            _put_bf16(PAGE_ROW, RNO, tok, rn, tvalid)
+            for c0 in tl.static_range(0, D, DC):
+                kk = c0 + tl.arange(0, DC)
+                st = tl.load(SQ + kk[None, :] * D + di[:, None], mask=dmask[:, None], other=0.0)  # S.T [DP, DC]
+                proj = tl.dot(e, st, input_precision="tf32x3")  # [NR, DC]
+                bit = (proj >= 0).to(tl.int32)
+                b3 = tl.reshape(bit, [NR, DC // 8, 8])
+                byte = tl.sum(b3 << tl.arange(0, 8)[None, None, :], axis=2)
+                tt = tl.arange(0, DC // 8)
+                tl.store(PAGE_ROW[:, None] + QJO + tok[:, None] * (D // 8) + c0 // 8 + tt[None, :],
+                         byte.to(tl.uint8), mask=tvalid[:, None])
+
+
+@triton.jit
+def _tq_store_kernel(
+    KIN, VIN, STG, CACHE, BT, QSL, SEQ, CSLOT, QBR, QBI,
+    PI, PI16, SQ, BK, BV, BKM, BVM, CK, CV, CKM, CVM, SKV, STAG, SCOEF,
+    s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3, s_bt, num_qb, rsd, n_sink, s_k0, s_k1, s_k2,
+    H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, B: tl.constexpr, NBLK: tl.constexpr,
+    TS: tl.constexpr, NSUB: tl.constexpr, PAGE: tl.constexpr, USED: tl.constexpr, PADP: tl.constexpr,
+    KBITS: tl.constexpr, VBITS: tl.constexpr, MBITS: tl.constexpr, NORM: tl.constexpr,
+    KO0: tl.constexpr, KW0: tl.constexpr, KO1: tl.constexpr, KW1: tl.constexpr, KO2: tl.constexpr,
+    KW2: tl.constexpr, KSO: tl.constexpr,
+    VO0: tl.constexpr, VW0: tl.constexpr, VO1: tl.constexpr, VW1: tl.constexpr, VO2: tl.constexpr,
+    VW2: tl.constexpr, VSO: tl.constexpr,
+    KC: tl.constexpr, KMO0: tl.constexpr, KMW0: tl.constexpr, KMO1: tl.constexpr, KMW1: tl.constexpr,
+    KMO2: tl.constexpr, KMW2: tl.constexpr, KMSO: tl.constexpr,
+    VC: tl.constexpr, VMO0: tl.constexpr, VMW0: tl.constexpr, VMO1: tl.constexpr, VMW1: tl.constexpr,
+    VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
+    PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, NR: tl.constexpr, PADR: tl.constexpr,
+    PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
+):
+    """Program (group of NBLK entries of the completed-block list, KV head); NR = NBLK*TS rows."""
+    gi = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.arange(0, NR)
+    e = gi * NBLK + n // TS  # qb entry of each row
+    ein = e < num_qb
+    r = tl.load(QBR + e, mask=ein, other=-1)
+    valid = ein & (r >= 0)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
+        return
+    r = tl.where(valid, r, 0)
+    b = tl.load(QBI + e, mask=valid, other=0)
+    blk = tl.load(BT + r.to(tl.int64) * s_bt + b, mask=valid, other=0).to(tl.int64)
+    qs = tl.load(QSL + r, mask=valid, other=0)
+    nq = tl.load(QSL + r + 1, mask=valid, other=0) - qs
+    ctx = tl.load(SEQ + r, mask=valid, other=0) - nq
+    slot = tl.load(CSLOT + r, mask=valid, other=0).to(tl.int64)
+    slot = tl.where(slot < 0, 0, slot)
+    blk0 = b * B
+    page = CACHE + (blk * H + h) * PAGE  # [NR] pointers
+    stg = STG + slot * s_g0 + h * s_g3
+    # per block (for the mean fields)
+    eb = gi * NBLK + tl.arange(0, NBLK)
+    rb = tl.load(QBR + eb, mask=eb < num_qb, other=-1)
+    bval = (eb < num_qb) & (rb >= 0)
+    rb = tl.where(bval, rb, 0)
+    bb = tl.load(QBI + eb, mask=bval, other=0)
+    blkb = tl.load(BT + rb.to(tl.int64) * s_bt + bb, mask=bval, other=0).to(tl.int64)
+    page_b = CACHE + (blkb * H + h) * PAGE
+    if SINK:
+        # first block of a sequence: content tag of its exact token 0 (codec.sink_tags), 0 in other pages
+        first = bval & (bb == 0)
+        qsb = tl.load(QSL + rb, mask=bval, other=0)
+        ctxb = tl.load(SEQ + rb, mask=bval, other=0) - (tl.load(QSL + rb + 1, mask=bval, other=0) - qsb)
+        slotb = tl.load(CSLOT + rb, mask=bval, other=0).to(tl.int64)
+        stgb = STG + tl.where(slotb < 0, 0, slotb) * s_g0 + h * s_g3
+        zb = bb * 0
+        dd = tl.arange(0, DP)
+        dmk = dd < D
+        k0 = _load_rows(KIN, s_kt, s_kh, stgb, s_g2, qsb, ctxb, zb, zb, first, h, dd, dmk)  # [NBLK, DP] fp32
+        v0 = _load_rows(VIN, s_vt, s_vh, stgb + s_g1, s_g2, qsb, ctxb, zb, zb, first, h, dd, dmk)
+        kb_ = k0.to(tl.uint32, bitcast=True)
+        vb_ = v0.to(tl.uint32, bitcast=True)
+        khi = (kb_ >> 16).to(tl.int64)
+        klo = (kb_ & 0xFFFF).to(tl.int64)
+        vhi = (vb_ >> 16).to(tl.int64)
+        vlo = (vb_ & 0xFFFF).to(tl.int64)
+        c0k = tl.load(SCOEF + 0 * 2 * D + dd, mask=dmk, other=0)[None, :]
+        c1k = tl.load(SCOEF + 1 * 2 * D + dd, mask=dmk, other=0)[None, :]
+        c2k = tl.load(SCOEF + 2 * 2 * D + dd, mask=dmk, other=0)[None, :]
+        c3k = tl.load(SCOEF + 3 * 2 * D + dd, mask=dmk, other=0)[None, :]
+        c0v = tl.load(SCOEF + 0 * 2 * D + D + dd, mask=dmk, other=0)[None, :]
+        c1v = tl.load(SCOEF + 1 * 2 * D + D + dd, mask=dmk, other=0)[None, :]
+        c2v = tl.load(SCOEF + 2 * 2 * D + D + dd, mask=dmk, other=0)[None, :]
+        c3v = tl.load(SCOEF + 3 * 2 * D + D + dd, mask=dmk, other=0)[None, :]
+        P31 = 2147483647
+        h1 = tl.sum(khi * c0k + klo * c1k + vhi * c0v + vlo * c1v, axis=1) % P31
+        h2 = tl.sum(khi * c2k + klo * c3k + vhi * c2v + vlo * c3v, axis=1) % P31
+        tag = h1 * 2147483648 + h2
+        tag = tl.where(tag == 0, 1, tag)
+        tag = tl.where(first, tag, 0)
+        tl.store((page_b + SINKO).to(tl.pointer_type(tl.int64)), tag, mask=bval)
+        if SINKT:
+            sl = tag % n_sink
+            sp = SKV + sl[:, None] * s_k0 + h * s_k2 + dd[None, :]
+            m2 = first[:, None] & dmk[None, :]
+            tl.store(sp, k0.to(SKV.dtype.element_ty), mask=m2)
+            tl.store(sp + s_k1, v0.to(SKV.dtype.element_ty), mask=m2)
+            tl.store(STAG + sl * H + h, tag, mask=first)
+    _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK, CK,
+                BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2, KW2, KSO,
+                KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO)
+    _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ,
+                BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1, VW1, VO2, VW2, VSO,
+                VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0)
+    if PAGE > USED:
+        # zero padding of each block's head page (each row zeroes a slice)
+        pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
+        tl.store(page[:, None] + USED + pz, tl.zeros([NR, PADR], dtype=tl.uint8),
+                 mask=valid[:, None] & (pz < PAGE - USED))
+
+
+@triton.jit
+def _tq_staging_kernel(KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
+                       D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr):
+    """Copy the exact K/V of each row's open block (positions max(ctx, seq//B*B) .. seq-1) into its slot."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(OSLOT + r).to(tl.int64)
+    if slot < 0:
+        return
+    qs = tl.load(QSL + r)
+    nq = tl.load(QSL + r + 1) - qs
+    L = tl.load(SEQ + r)
+    ctx = L - nq
+    p0 = tl.maximum(ctx, (L // B) * B)
+    tok = tl.arange(0, BP)
+    pos = p0 + tok
+    ok = pos < L
+    dd = tl.arange(0, DP)
+    m2 = ok[:, None] & (dd < D)[None, :]
+    src = (qs + pos - ctx).to(tl.int64)[:, None]
+    dst = STG + slot * s_g0 + (pos % B).to(tl.int64)[:, None] * s_g2 + h * s_g3 + dd[None, :]
+    k = tl.load(KIN + src * s_kt + h * s_kh + dd[None, :], mask=m2)
+    tl.store(dst, k.to(STG.dtype.element_ty), mask=m2)
+    v = tl.load(VIN + src * s_vt + h * s_vh + dd[None, :], mask=m2)
+    tl.store(dst + s_g1, v.to(STG.dtype.element_ty), mask=m2)
