@@ -1,0 +1,158 @@
+"""tq_vllm through the real vLLM engine on a CUDA GPU (vLLM 0.26+): the engine tests of tests/test_engine.py, with
+the Triton kernels, CUDA graphs (FULL for single-token decode batches, piecewise otherwise) and fp16/bf16.
+
+    pytest -m gpu tests/test_engine_gpu.py -v        (about 5 minutes on an H100; skipped without a GPU)
+
+fp16/bf16 model activations differ by float noise between batch shapes, so token sequences are compared up to
+near-ties: equal, or first different where the reference engine's top-2 logprobs are within `TIE` nats.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import test_engine as te
+
+pytestmark = [pytest.mark.gpu, pytest.mark.engine]
+
+KV_BYTES = 2 * 2**30  # kv_cache_memory_bytes: the allocator's budget, so the capacity formula is exact
+TIE = 0.1
+TQ = dict(attention_backend="CUSTOM", dtype="float16", kv_cache_memory_bytes=KV_BYTES,
+          additional_config={"tq_vllm": {"preset": "tq4", "boundary_layers": 1, "boundary_preset": "tq8",
+                                          "sink_entries": 4096}})
+GPU_ENGINES = {
+    "A": dict(enable_prefix_caching=True, max_num_batched_tokens=64, num_gpu_blocks_override=48,
+              disable_log_stats=False, **TQ),
+    "B": dict(enable_prefix_caching=False, max_num_batched_tokens=64, **TQ),
+    "C": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, **TQ),  # CUDA graphs (vLLM default)
+    "E": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, enforce_eager=True, **TQ),
+    "S": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, **TQ,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                                  "prompt_lookup_min": 1}),
+}
+
+
+def _engine(model, **kw):
+    from vllm import LLM
+    args = dict(block_size=16, max_model_len=512, max_num_seqs=8, seed=0, gpu_memory_utilization=0.5)
+    args.update(kw)
+    return LLM(model, **args)
+
+
+def _run(model, work, **kw):
+    llm = _engine(model, **kw)
+    try:
+        res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
+        if not kw.get("disable_log_stats", True):
+            res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+        return res
+    finally:
+        te._close(llm)
+
+
+def _generate(llm, prompt_lists, max_tokens=te.MAX_TOKENS):
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    out = []
+    for ps in prompt_lists:
+        for r in llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False):
+            o = r.outputs[0]
+            out.append((list(o.token_ids), [sorted((x.logprob for x in lp.values()), reverse=True)
+                                             for lp in o.logprobs]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tq_vllm.assets import make_tiny_llama
+    root = tmp_path_factory.mktemp("models")
+    g = make_tiny_llama(root / "gqa64-raw", head_dim=64, num_kv_heads=2, num_heads=4, layers=4, seed=1,
+                        dtype="float16")
+    m = make_tiny_llama(root / "mqa128-raw", head_dim=128, num_kv_heads=1, num_heads=8, layers=4, seed=2,
+                        dtype="float16")
+    return {"gqa64": te.sharpen(g, root / "gqa64", q=4.0, k=2.0, head=10.0),
+            "mqa128": te.sharpen(m, root / "mqa128", q=4.0, k=2.0, head=10.0)}
+
+
+@pytest.fixture(scope="module")
+def runs(models):
+    rounds = te._prompts()
+    return {n: _run(models["gqa64"], lambda llm: _generate(llm, rounds), **kw) for n, kw in GPU_ENGINES.items()}
+
+
+def _assert_close_runs(ref, other, what, min_same=0.7):
+    same = 0
+    for i, ((rt, rlp), (ot, _)) in enumerate(zip(ref, other)):
+        d = te._first_diff(rt, ot)
+        if d is None:
+            same += 1
+            continue
+        assert rlp[d][0] - rlp[d][1] <= TIE, f"{what}, prompt {i}: differs at token {d} without a near-tie {rlp[d]}"
+    assert same >= min_same * len(ref), f"{what}: only {same}/{len(ref)} identical"
+
+
+def test_prefix_caching_on_vs_off(runs):
+    _assert_close_runs(runs["B"]["out"], runs["A"]["out"], "prefix caching on vs off")
+
+
+def test_chunked_prefill_vs_not(runs):
+    _assert_close_runs(runs["C"]["out"], runs["B"]["out"], "chunked vs whole prefill")
+
+
+def test_cuda_graphs_vs_eager(runs):
+    _assert_close_runs(runs["E"]["out"], runs["C"]["out"], "CUDA graphs vs eager")
+
+
+def test_speculative_decoding(runs):
+    _assert_close_runs(runs["C"]["out"], runs["S"]["out"], "speculative vs plain decoding")
+
+
+def test_capacity_is_the_formula(runs):
+    from tq_vllm.quant.layout import PageLayout
+    per_token = sum(2 * PageLayout(f, 64, 16).bytes_per_token for f in ["tq8", "tq4", "tq4", "tq8"])
+    assert runs["C"]["num_blocks"] == KV_BYTES // (16 * per_token)
+    assert runs["A"]["num_blocks"] == 48
+
+
+def test_mqa_head128_and_exact_boundary_vs_vllm_default(models):
+    """tq8 (+ exact first/last layers) vs vLLM's default backend with fp16 pages, MQA head_dim 128."""
+    rounds = te._prompts()
+    base = dict(enable_prefix_caching=False, dtype="float16", kv_cache_memory_bytes=KV_BYTES)
+    ref = _run(models["mqa128"], lambda llm: _generate(llm, rounds, 16), **base)
+    tq = _run(models["mqa128"], lambda llm: _generate(llm, rounds, 16), attention_backend="CUSTOM",
+              additional_config={"tq_vllm": {"preset": "tq8", "boundary_layers": 1, "boundary_preset": "bf16"}},
+              **base)
+    _assert_close_runs(ref["out"], tq["out"], "tq8 vs fp16 pages", min_same=0.5)
+
+
+def test_smollm2_tq8_and_tq4(tmp_path):
+    from tq_vllm.assets import AssetError, fetch_smollm2
+    try:
+        model = str(fetch_smollm2())
+    except (AssetError, OSError, ImportError) as e:
+        pytest.skip(f"SmolLM2 asset unavailable: {e}")
+    from vllm import SamplingParams
+
+    def gen(llm):
+        sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2)
+        return [(list(o.outputs[0].token_ids), [sorted((x.logprob for x in lp.values()), reverse=True)
+                                                 for lp in o.outputs[0].logprobs], o.outputs[0].text)
+                for o in llm.generate(te.SMOL_PROMPTS, sp, use_tqdm=False)]
+
+    base = dict(dtype="bfloat16", max_model_len=1024, kv_cache_memory_bytes=KV_BYTES)
+    ref = _run(model, gen, **base)["out"]
+    t8 = _run(model, gen, attention_backend="CUSTOM", additional_config={"tq_vllm": {"preset": "tq8"}}, **base)
+    t4 = _run(model, gen, attention_backend="CUSTOM", **base)
+    _assert_close_runs([(a, b) for a, b, _ in ref], [(a, b) for a, b, _ in t8["out"]], "SmolLM2 tq8 vs bf16",
+                       min_same=0.5)
+    texts = [t for *_, t in t4["out"]]
+    assert "Paris" in texts[0] and "return" in texts[1] and "Jupiter" in texts[6], texts
+    from tq_vllm.quant.layout import PageLayout
+    assert t4["num_blocks"] == KV_BYTES // (16 * 30 * 3 * PageLayout("tq4", 64, 16).bytes_per_token)
+
+
+if os.environ.get("TQ_GPU_SMOKE"):  # pragma: no cover - quick manual check: TQ_GPU_SMOKE=1 pytest ... -k smoke
+    def test_smoke(models):
+        r = _run(models["gqa64"], lambda llm: _generate(llm, te._prompts()), **GPU_ENGINES["C"])
+        assert r["num_blocks"] > 0
