@@ -15,6 +15,30 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def _import_triton_for_the_interpreter() -> None:
+    """Without a GPU the kernel tests run Triton's interpreter. Triton builds its own @jit library (tl.max, ...)
+    once, at import, in the mode TRITON_INTERPRET says then; other tests import vLLM/torch (and so triton) first,
+    which would leave that library compiled-mode and break interpreted kernels. Import it in interpreter mode
+    before anything else does, then restore the variable (engine subprocesses must not see it)."""
+    if os.environ.get("TRITON_INTERPRET") is not None:
+        return
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        os.environ["TRITON_INTERPRET"] = "1"
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+_import_triton_for_the_interpreter()
+
+
 def _has_cuda() -> bool:
     try:
         import torch

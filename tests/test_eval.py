@@ -95,13 +95,13 @@ def test_sink_keeps_first_block_exact():
 
 # ---------------------------------------------------------------------------------------------- formats
 def test_emulator_reproduces_the_codec():
-    """The research emulator with default knobs is tq4 (and with v_center=q, 3 bits: tq3) up to float error."""
+    """The research emulator with default knobs is tq4 (and tq3, and tq35 with its value mean) up to float error."""
     N, B, H, D = 6, 32, 3, 64
     g = torch.Generator().manual_seed(3)
     k = torch.randn(N, B, H, D, generator=g) + 2 * torch.randn(1, 1, H, D, generator=g)
     v = torch.randn(N, B, H, D, generator=g)
-    for preset, knobs in (("tq4", EmuKnobs()),
-                          ("tq3", EmuKnobs(k_bits=3, v_bits=3, v_center="q"))):
+    for preset, knobs in (("tq4", EmuKnobs()), ("tq3", EmuKnobs(k_bits=3, v_bits=3)),
+                          ("tq35", EmuKnobs(k_bits=4, v_bits=3, v_center="q"))):
         kt, vt = TQFormat(get_preset(preset), B).qdq(5, k, v)
         ke, ve = EmuFormat(knobs, B).qdq(5, k, v)
         for a, b in ((kt, ke), (vt, ve)):
@@ -113,7 +113,7 @@ def test_emulator_reproduces_the_codec():
 
 def test_format_bytes_and_specs():
     assert make_format("tq4").layer_bytes(128) == 134
-    assert make_format("tq3").layer_bytes(128) == 104
+    assert make_format("tq3").layer_bytes(128) == 102
     assert make_format("bf16").layer_bytes(64) == 256 and make_format("fp8").layer_bytes(64) == 128
     f = make_format("vllm:4bit_nc")
     assert f.layer_bytes(128) == 134 and f.layer_bytes(64) == 70
