@@ -470,3 +470,41 @@ def test_same_codec_as_the_connector_and_kernels_expect():
     c = sim.impl.codec
     ref = LayerCodec("tq3", 128, 32, layer_index=0, seed=0)
     assert c.layout.fingerprint() == ref.layout.fingerprint() and torch.equal(c.rot, ref.rot)
+
+
+def test_device_path_builder_on_cpu_tensors():
+    """The CUDA builder path (one packed D2H of seq_lens + block ids, persistent plan buffers filled by copies)
+    run on CPU tensors: same results as the oracle."""
+    rng = random.Random(4)
+    sim = Sim("tq4", D=64, H=2, Hq=4, B=16, spec_tokens=0)
+    sim.builder.on_cpu = False
+    sim.builder._alloc_buffers()
+    seqs = _seqs(3, [45, 20, 33], 4, 2, 64, seed=8)
+    got = _run_schedule(sim, seqs, {0: [17, 20, 1, 1, 1, 5], 1: [20], 2: [1, 31, 1]}, rng)
+    for r in seqs:
+        torch.testing.assert_close(got[r], _oracle(sim, seqs, r), atol=3e-2, rtol=3e-2)
+
+
+def test_graph_shaped_plan_for_uniform_decode():
+    """With FULL CUDA graphs, uniform single-token decode plans have fixed shapes: qb arrays padded to R with -1
+    (the kernels skip them) and max_seq_len = max_model_len, so one capture serves every replay; padding rows of a
+    replayed batch (query 0, seq 0) plan nothing."""
+    sim = Sim("tq4", D=64, H=2, Hq=4, B=16)
+    b = sim.builder
+    b.on_cpu, b.graph_plans = False, True
+    b._alloc_buffers()
+    seqs = _seqs(3, [40, 40, 40], 4, 2, 64, seed=1)
+    sim.step({0: 15, 1: 3, 2: 9}, seqs)  # prefill (plain plan)
+    qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)  # 3 decodes + 1 padding row
+    bt = torch.zeros(4, 4, dtype=torch.int32)
+    for i in range(3):
+        bt[i, :len(sim.tables[i])] = torch.tensor(sim.tables[i], dtype=torch.int32)
+    cam = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl,
+                                  seq_lens=torch.tensor([16, 4, 10, 0], dtype=torch.int32), num_reqs=4,
+                                  num_actual_tokens=4, max_query_len=1, max_seq_len=16, block_table_tensor=bt,
+                                  slot_mapping=torch.zeros(4, dtype=torch.int64))
+    md = b.build(0, cam)
+    p = md.plan
+    assert p.qb_row.tolist() == [0, -1, -1, -1] and p.qb_idx.tolist() == [0, -1, -1, -1]
+    assert p.max_seq_len == sim.vc.model_config.max_model_len and md.num_decode_rows == 3
+    assert p.ctx_slot.tolist()[3] == -1 and p.open_slot.tolist()[3] == -1

@@ -124,7 +124,7 @@ def install_layer_spec_026(layer, backend_cls) -> None:
 
 
 # --------------------------------------------------------------------------------------------- metadata
-def host_step_inputs(cam, block_size: int):
+def host_step_inputs(cam, block_size: int, device_path: bool | None = None):
     """Host copies of what the step planner needs, from vLLM's CommonAttentionMetadata.
 
     Returns (query_start_loc [R+1], seq_lens [R], ctx_block_ids [R], open_block_ids [R]) as CPU int64 tensors,
@@ -140,7 +140,9 @@ def host_step_inputs(cam, block_size: int):
     qlen = qsl[1:] - qsl[:-1]
     bt = cam.block_table_tensor[:R]
     seq_dev = cam.seq_lens[:R]
-    if bt.device.type == "cpu" and seq_dev.device.type == "cpu":
+    if device_path is None:
+        device_path = not (bt.device.type == "cpu" and seq_dev.device.type == "cpu")
+    if not device_path:
         seq = seq_dev.to(torch.int64)
         ctx = seq - qlen
         return qsl, seq, _gather_ids(bt, ctx, seq, block_size), _gather_ids(bt, seq, seq, block_size)

@@ -256,10 +256,15 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         self.graph_plans = (not self.on_cpu) and self.get_cudagraph_support(vllm_config, kv_cache_spec) != \
             AttentionCGSupport.NEVER
         if not self.on_cpu:
-            n = int(sched.max_num_batched_tokens) + int(sched.max_num_seqs) + 1
-            mk = lambda: torch.full((n,), -1, dtype=torch.int32, device=self.device)  # noqa: E731
-            self._bufs = {k: mk() for k in ("ctx_lens", "ctx_slot", "open_slot", "qb_row", "qb_idx")}
+            self._alloc_buffers()
         log_capacity_once(vllm_config)
+
+    def _alloc_buffers(self) -> None:
+        """Persistent device buffers of the plan (CUDA graphs replay their addresses)."""
+        sched = self.vllm_config.scheduler_config
+        n = int(sched.max_num_batched_tokens) + int(sched.max_num_seqs) + 1
+        mk = lambda: torch.full((n,), -1, dtype=torch.int32, device=self.device)  # noqa: E731
+        self._bufs = {k: mk() for k in ("ctx_lens", "ctx_slot", "open_slot", "qb_row", "qb_idx")}
 
     # ------------------------------------------------------------------------------------------------ build
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -271,7 +276,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
 
     def _build(self, cam: CommonAttentionMetadata, alloc: StagingAllocator) -> TQMetadata:
         B = self.block_size
-        qsl, seq, ctx_ids, open_ids = compat.host_step_inputs(cam, B)
+        qsl, seq, ctx_ids, open_ids = compat.host_step_inputs(cam, B, device_path=not self.on_cpu)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
         ctx_l, seq_l = ctx.tolist(), seq.tolist()
@@ -308,8 +313,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
             max_seq = self.max_model_len
         else:
             max_seq = int(seq.max()) if R else 0
-        host = torch.tensor([ctx_l, cs, os_], dtype=torch.int32).pin_memory() if R else None
-        hq = torch.tensor([qr, qi], dtype=torch.int32).reshape(2, -1).pin_memory() if qr else None
+        host = _pinned(torch.tensor([ctx_l, cs, os_], dtype=torch.int32)) if R else None
+        hq = _pinned(torch.tensor([qr, qi], dtype=torch.int32).reshape(2, -1)) if qr else None
         b = self._bufs
         if host is not None:
             b["ctx_lens"][:R].copy_(host[0], non_blocking=True)
@@ -345,6 +350,10 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
             b0 = (c // B) * B
             out.append((slot, int(ctx_slots[r]), c - b0, int(qsl[r]), b0 + B - c))
         return tuple(out)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if torch.cuda.is_available() else t
 
 
 def _is_dummy_batch(ctx_lens, ctx_ids, B) -> bool:

@@ -55,11 +55,11 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("tq4", 4, 4, description="4-bit K and V, key block-mean; the default"),
-        # tq3 / tq25: key block-mean only (measured, docs/quality.md: the value mean bought nothing once token 0 is
-        # exact, e.g. tq3 +1.06 % with it vs +0.92 % without, and costs 2 B/token/head at d=128)
+        # tq3: key block-mean only (measured, docs/quality.md: with token 0 exact the value mean bought nothing,
+        # +1.06 % with it vs +0.92 % without on two rotation seeds, and cost 2 B/token/head at d=128: 104 -> 102)
         Preset("tq3", 3, 3, description="3-bit K and V, key block-mean"),
         Preset("tq35", 4, 3, v_center=True, description="4-bit K, 3-bit V (3.5 bits average)"),
-        Preset("tq25", 3, 2, description="3-bit K, 2-bit V (2.5 bits average), key block-mean"),
+        Preset("tq25", 3, 2, v_center=True, description="3-bit K, 2-bit V (2.5 bits average)"),
         Preset("tq4-prod", 4, 4, k_mode="prod", k_center=False,
                description="paper's TurboQuant_prod keys (3-bit codes + 1-bit QJL), 4-bit V"),
         Preset("tq8", 8, 8, k_center=False, description="8-bit K and V: high precision, for boundary layers and checks"),
