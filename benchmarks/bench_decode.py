@@ -335,6 +335,80 @@ def sweep(out_dir, presets=("tq4",)):
     return res
 
 
+def parse_variants(spec: str):
+    """"name:KEY=V,KEY=V;name2:..." -> [(name, {TQ_VLLM_KEY: V})]; values may hold commas if quoted as a/b."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        name, _, kv = item.partition(":")
+        env = {}
+        for pair in filter(None, kv.split(" ")):
+            k, _, v = pair.partition("=")
+            env["TQ_VLLM_" + k] = v.replace("/", ",")
+        out.append((name, env))
+    return out
+
+
+def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1024))):
+    """Time decode variants (env knobs of tq_vllm.kernels) on the same inputs; returns rows, prints a table."""
+    rows = []
+    for name, env in parse_variants(spec):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        for preset in presets:
+            for R, ctx in shapes:
+                try:
+                    fn, nbytes, ex = tq_decode_case(preset, R, ctx, B)
+                    ms = bench(fn)
+                    row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=round(ms, 5),
+                               gbps=round(nbytes / ms / 1e6, 1), **ex, **_kstats("decode"))
+                    del fn
+                except Exception as e:  # noqa: BLE001
+                    row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
+                print("variant", json.dumps(row), flush=True)
+                rows.append(row)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.cuda.empty_cache()
+    print(f"{'variant':14s} {'preset':6s} " + " ".join(f"{R}x{c}".rjust(12) for R, c in shapes))
+    for name, _ in parse_variants(spec):
+        for preset in presets:
+            cells = []
+            for R, c in shapes:
+                r = [x for x in rows if x["variant"] == name and x["preset"] == preset and x["R"] == R and x["ctx"] == c]
+                cells.append(f"{r[0]['ms']:.4f}".rjust(12) if r and r[0]["ms"] else "FAIL".rjust(12))
+            print(f"{name:14s} {preset:6s} " + " ".join(cells), flush=True)
+    return rows
+
+
+def prefill_variants(spec, preset="tq4", B=32, prefix=32768, chunk=2048):
+    """Time prefill variants (env knobs) on one chunk over a compressed prefix; returns rows."""
+    rows = []
+    for name, env in parse_variants(spec):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            fn = tq_prefill_case(preset, prefix, chunk, B)
+            ms = bench(fn, False)
+            row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, prefix=prefix, chunk=chunk,
+                       ms=round(ms, 4), **_kstats("prefill"))
+            del fn
+        except Exception as e:  # noqa: BLE001
+            row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, ms=None, error=repr(e)[:300])
+        print("variant", json.dumps(row), flush=True)
+        print(f"prefill variant {name:14s} {row['ms']}", flush=True)
+        rows.append(row)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def tune(presets=("tq4",)):
     """Small decode launch sweep at 32 x 32K (B=16) and 32 x 32K (B=64); returns {B: (cfg, tile)} of the fastest."""
     best = {}
@@ -371,8 +445,39 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="launch-config sweep only")
     ap.add_argument("--tune", action="store_true", help="pick the decode launch config by a small sweep first")
     ap.add_argument("--no-vllm-tq", action="store_true", help="skip vLLM's TurboQuant (its first compile is slow)")
+    ap.add_argument("--variants", default=None,
+                    help='decode variants to time first, "name:KEY=V KEY=V;name2:..." (KEY without TQ_VLLM_, a/b '
+                         'for a,b), e.g. "base:DECODE_PF=0;pf3:DECODE_PF=1 DECODE_CFG=4/3"')
+    ap.add_argument("--pick", action="store_true", help="run the grid with the variant fastest at 32 x 32K (tq4)")
+    ap.add_argument("--variants-only", action="store_true")
+    ap.add_argument("--prefill-variants", default=None, help="prefill variants, same syntax (2K chunk over 32K)")
+    ap.add_argument("--vllm-tq-quick", action="store_true", help="vLLM's TurboQuant only at 1x1K, 8x8K, 32x32K")
+    ap.add_argument("--vllm-tq-only", action="store_true", help="only vLLM's TurboQuant rows (implies --vllm-tq-quick)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.variants:
+        vrows = variants(args.variants, ("tq4",), B=args.block_size[0])
+        with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
+            for r in vrows:
+                f.write(json.dumps(r) + "\n")
+        if args.pick:
+            ok = [r for r in vrows if r["ms"] and r["preset"] == "tq4" and (r["R"], r["ctx"]) == (32, 32768)]
+            if ok:
+                best = min(ok, key=lambda r: r["ms"])
+                os.environ.update(best["env"])
+                print("picked variant", best["variant"], best["env"], flush=True)
+    if args.prefill_variants:
+        prow = prefill_variants(args.prefill_variants, B=args.block_size[0])
+        with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
+            for r in prow:
+                f.write(json.dumps(r) + "\n")
+        ok = [r for r in prow if r["ms"]]
+        if args.pick and ok:
+            best = min(ok, key=lambda r: r["ms"])
+            os.environ.update(best["env"])
+            print("picked prefill variant", best["variant"], best["env"], flush=True)
+    if args.variants_only:
+        return
     dev_name = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if args.check or args.with_check:
@@ -424,7 +529,9 @@ def main():
             traceback.print_exc()
         torch.cuda.empty_cache()
 
-    for B in args.block_size:
+    if args.vllm_tq_only:
+        args.vllm_tq_quick = True
+    for B in ([] if args.vllm_tq_only else args.block_size):
         if B in best:
             os.environ["TQ_VLLM_DECODE_CFG"], os.environ["TQ_VLLM_DECODE_TILE"] = best[B][0], str(best[B][1])
         for R, ctx in grid:
@@ -437,10 +544,10 @@ def main():
                 run("bf16_flash", "bf16", R, ctx, B, lambda: fa_decode_case(R, ctx, B))
     B0 = args.block_size[0]
     # store throughput: one 16K-token chunk
-    for preset in presets:
+    for preset in ([] if args.vllm_tq_only else presets):
         run("tq_vllm_store", preset, 1, 16384, B0, lambda: (*store_case(preset, 16384, B0), None))
     # prefill: a chunk over a 32K compressed prefix (attention only)
-    for chunk in ((2048,) if args.quick else (512, 2048)):
+    for chunk in (() if args.vllm_tq_only else (2048,) if args.quick else (512, 2048)):
         for preset in presets:
             run("tq_vllm_prefill", preset, 1, 32768 + chunk, B0,
                 lambda: (tq_prefill_case(preset, 32768, chunk, B0), 1, dict(chunk=chunk)), False)
@@ -450,6 +557,8 @@ def main():
     if have_vllm and not args.no_vllm_tq:
         for B in args.block_size:
             for R, ctx in grid:
+                if args.vllm_tq_quick and (R, ctx) not in ((1, 1024), (8, 8192), (32, 32768)):
+                    continue
                 for name in ("turboquant_4bit_nc", "turboquant_3bit_nc"):
                     run("vllm_turboquant", name, R, ctx, B, lambda: vllm_tq_decode_case(name, R, ctx, B))
     jl.close()

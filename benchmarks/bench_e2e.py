@@ -201,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="8 x 1K prompts, 32 tokens, no long run (smoke test)")
     ap.add_argument("--print", action="store_true", help="print the table of --out and exit")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the 8B shape (script check)")
+    ap.add_argument("--per-kv-timeout", type=int, default=0, help="seconds per format (0: none)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one format in this process
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -230,7 +231,12 @@ def main(argv=None) -> int:
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
             cmd += ["--enforce-eager"] * args.enforce_eager + ["--quick"] * args.quick + ["--tiny"] * args.tiny
             print(f"=== {kv}: {' '.join(cmd)}", flush=True)
-            p = subprocess.run(cmd)
+            try:
+                p = subprocess.run(cmd, timeout=args.per_kv_timeout or None)
+            except subprocess.TimeoutExpired:
+                print(f"=== {kv}: TIMEOUT after {args.per_kv_timeout} s", flush=True)
+                rc = 1
+                continue
             if p.returncode:
                 print(f"=== {kv}: FAILED (exit {p.returncode})", flush=True)
                 rc = 1

@@ -69,6 +69,21 @@ def test_fix_hf_config(tmp_path):
     assert tok["model_max_length"] == 8192 and "local_files_only" not in tok
 
 
+def test_fix_hf_config_eos_follows_config(tmp_path):
+    """transformers 5.17 (the GPU image's) writes the SmolLM2 GGUF's tokenizer eos as <|im_start|> (id 1) while
+    config.json says eos_token_id 2 (<|im_end|>): the tokenizer follows config.json."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": 2}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": 0, "content": "<|endoftext|>"}, {"id": 1, "content": "<|im_start|>"},
+        {"id": 2, "content": "<|im_end|>"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_start|>",
+         "eos_token_id": 1}))
+    assets.fix_hf_config(tmp_path)
+    tok = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tok["eos_token"] == "<|im_end|>" and "eos_token_id" not in tok and tok["bos_token"] == "<|im_start|>"
+
+
 def test_extract_member_rejects_a_bad_checksum(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:

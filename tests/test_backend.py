@@ -127,6 +127,15 @@ def test_page_size_is_the_layout(preset, dim):
     assert bytes_per_token(None, dim, 32, 2) == 4 * dim  # exact bf16 pages
 
 
+@pytest.mark.parametrize("default,want", [(16, 32), (8, 32), (32, 32), (48, 48), (64, 64), (100, 112)])
+def test_preferred_block_size_amortises_page_fields(default, want):
+    b = be.TQAttentionBackend.get_preferred_block_size(default)
+    assert b == want and b % be.KERNEL_BLOCK_MULTIPLE == 0
+    # the page overhead per token really is smaller at the chosen size than at vLLM's default 16
+    if default == 16:
+        assert be.TQAttentionBackend.bytes_per_token(128, b) < be.TQAttentionBackend.bytes_per_token(128, 16)
+
+
 def test_capacity_formula_mixed_layers():
     lay = [LayerCost(f"l{i}", "tq4", 8, 128, PageLayout("tq4", 128, 16).bytes_per_token) for i in range(30)]
     lay += [LayerCost("b0", "tq8", 8, 128, PageLayout("tq8", 128, 16).bytes_per_token),

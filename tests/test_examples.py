@@ -60,6 +60,7 @@ def test_offline_connector_then_store_verify(smollm2, tmp_path):
     assert first and again, out
     assert int(first.group(2)) == 0
     assert int(again.group(3)) > 0 and int(again.group(2)) == int(again.group(3)) * 32  # from the CPU tier
+    assert "same answer as the first time: yes" in out, out  # loaded pages = recomputed ones (float32 on CPU)
     # what the connector wrote to disk (write-through) verifies clean with `tq-vllm store verify`
     p = subprocess.run([sys.executable, "-m", "tq_vllm.cli", "store", "verify", str(disk), "--json"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)

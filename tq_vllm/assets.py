@@ -134,7 +134,8 @@ def fix_hf_config(model_dir: str | os.PathLike) -> None:
 
     transformers 5 keeps `rope_theta` only under `rope_parameters`: add a top-level `rope_theta` and
     `rope_scaling: null`. It may also write `tokenizer_class: TokenizersBackend`, unknown to older releases: use
-    `PreTrainedTokenizerFast` (the tokenizer is a plain tokenizer.json either way)."""
+    `PreTrainedTokenizerFast` (the tokenizer is a plain tokenizer.json either way). The tokenizer's eos token follows
+    config.json's `eos_token_id` (transformers 5.17 writes a wrong one for the SmolLM2 GGUF)."""
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -149,6 +150,15 @@ def fix_hf_config(model_dir: str | os.PathLike) -> None:
         tok["tokenizer_class"] = "PreTrainedTokenizerFast"
         for key in ("local_files_only", "is_local"):  # load-time flags that transformers 5 saves along
             tok.pop(key, None)
+        # transformers 5.17 converts the SmolLM2 GGUF with eos_token <|im_start|> (id 1) in tokenizer_config.json
+        # while config.json says eos_token_id 2 (<|im_end|>; 5.19 writes that): follow config.json.
+        eos_id = cfg.get("eos_token_id")
+        tj = model_dir / "tokenizer.json"
+        if isinstance(eos_id, int) and tj.exists():
+            added = {t.get("id"): t.get("content") for t in json.loads(tj.read_text()).get("added_tokens", [])}
+            if added.get(eos_id) and tok.get("eos_token") != added[eos_id]:
+                tok["eos_token"] = added[eos_id]
+                tok.pop("eos_token_id", None)
         max_pos = cfg.get("max_position_embeddings")
         if max_pos and (not isinstance(tok.get("model_max_length"), int) or tok["model_max_length"] > 10**9):
             tok["model_max_length"] = int(max_pos)

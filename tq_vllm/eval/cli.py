@@ -44,7 +44,8 @@ def add_eval_subcommands(subparsers) -> None:
     p.add_argument("--windows", type=int, default=2, help="number of windows (default 2)")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
                    help="hf: transformers + harness attention (fast CPU path); vllm: prompt logprobs of a real "
-                        "vLLM engine with the tq_vllm backend")
+                        "vLLM engine with the tq_vllm backend (fp8 and vllm:*/turboquant_* specs: vLLM's own "
+                        "kv_cache_dtype, CUDA build only for turboquant; use --chunk 128 for decode semantics)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="hf engine compute dtype (K/V are rounded to bf16 either way)")
     p.add_argument("--chunk", type=int, default=None, help="vllm engine: max_num_batched_tokens (chunked prefill)")
@@ -90,7 +91,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _with_block(spec: str, block_size: int | None) -> str:
-    if not block_size or spec in ("bf16", "fp8") or spec.startswith("vllm:") or "block=" in spec:
+    if (not block_size or spec in ("bf16", "fp8") or spec.startswith(("vllm:", "turboquant_"))
+            or "block=" in spec):
         return spec
     return f"{spec}{',' if '=' in spec else ':'}block={block_size}"
 
@@ -122,6 +124,10 @@ def ppl_report(model_dir, text, specs, *, tokens=2048, windows=2, block_size=Non
                  "num_kv_heads": c.num_key_value_heads,
                  "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
         wins = text_windows(tok, text, tokens, windows)
+        from .ppl import vllm_engine_kwargs
+
+        for f in fmts:  # fail before the first engine starts if a format cannot run in this engine
+            vllm_engine_kwargs(f)
         res = {"bf16": ppl_vllm(model_dir, wins, None, max_model_len=tokens + 8, chunk=chunk)}
         for f in fmts:
             res[f.name] = ppl_vllm(model_dir, wins, f, max_model_len=tokens + 8, chunk=chunk)
@@ -136,12 +142,35 @@ def ppl_report(model_dir, text, specs, *, tokens=2048, windows=2, block_size=Non
                      "bytes_per_token_head_layer": f.layer_bytes(D),
                      "bytes_per_token_head_d128": f.bytes_per_token_head(128, L),
                      "per_window_ppl": r.per_window, "seconds": round(r.seconds, 2)})
-    return {"model": str(model_dir), "model_shape": shape, "engine": engine, "tokens": tokens,
+        if engine == "vllm":  # what ran: tq_vllm's backend, or vLLM's own attention with this kv_cache_dtype
+            from .ppl import vllm_engine_kwargs
+
+            kw = vllm_engine_kwargs(None if name == "bf16" else f)
+            rows[-1]["attention_backend"] = kw.get("attention_backend", "vllm-default")
+            rows[-1]["kv_cache_dtype"] = kw.get("kv_cache_dtype", "auto")
+    return {"model": str(model_dir), "model_shape": shape, "engine": engine, "tokens": tokens, "chunk": chunk,
             "windows": [w.title for w in wins], "predicted_tokens": base.count,
             "block_size": block_size or 32, "results": rows, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _engine_usage_error(args, specs) -> int:
+    """Exit code 2 with the reason if a format cannot run in the chosen engine (before any model is loaded)."""
+    if args.engine != "vllm":
+        return 0
+    from .ppl import vllm_engine_kwargs
+
+    try:
+        for spec in specs:
+            vllm_engine_kwargs(_with_block(spec, args.block_size))
+    except ValueError as e:
+        print(f"tq-vllm eval {args.eval_command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_ppl(args) -> int:
+    if rc := _engine_usage_error(args, list(args.preset) + list(args.baseline)):
+        return rc
     model, text = _setup(args)
     rep = ppl_report(model, text, list(args.preset) + list(args.baseline), tokens=args.tokens,
                      windows=args.windows, block_size=args.block_size, engine=args.engine, dtype=args.dtype,
@@ -163,6 +192,8 @@ def _cmd_ppl(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ niah
 def _cmd_niah(args) -> int:
+    if rc := _engine_usage_error(args, args.preset):
+        return rc
     model, text = _setup(args)
     from transformers import AutoTokenizer
 

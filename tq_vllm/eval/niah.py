@@ -143,7 +143,7 @@ def run_vllm(model_dir: str, cases: list[NiahCase], fmt, *, max_new_tokens: int 
              block_size: int | None = None, max_num_batched_tokens: int | None = None):
     """Greedy answers from a real vLLM engine (our backend in format `fmt`, or vLLM's own bf16 attention for
     None / "bf16"), all cases in one batch. Returns (results, engine start seconds, generate seconds)."""
-    from .ppl import _engine_env, _prompts, close_engine, vllm_engine_kwargs
+    from .ppl import _engine_env, _prompts, close_engine, free_device_memory, vllm_engine_kwargs
 
     _engine_env()
     from vllm import LLM, SamplingParams
@@ -164,4 +164,6 @@ def run_vllm(model_dir: str, cases: list[NiahCase], fmt, *, max_new_tokens: int 
         ans = o.outputs[0].text
         res.append(NiahResult(c.context, len(c.prompt_ids), c.depth, _found(ans), ans.strip(), t_gen / len(cases)))
     close_engine(llm)
+    del llm, outs
+    free_device_memory()
     return res, t_start, t_gen

@@ -156,11 +156,33 @@ def ppl_hf(model, windows: list[Window], fmts: list[KVFormat | str], *, progress
 
 
 # ------------------------------------------------------------------------------------------------ vLLM engine
+def vllm_kv_cache_dtype(fmt: KVFormat | str) -> str | None:
+    """vLLM's own `kv_cache_dtype` for the harness formats that vLLM implements itself: ``fp8`` -> "fp8",
+    ``vllm:<recipe>`` / ``turboquant_<recipe>`` -> "turboquant_<recipe>" (with vLLM's default attention backend);
+    None for every other format. Raises ValueError for options vLLM cannot reproduce (sink blocks, boundary layers
+    other than vLLM's own: none for fp8, the first and last 2 layers in bf16 for TurboQuant)."""
+    from .formats import ExactFormat, Fp8Format, VllmFormat
+
+    f = make_format(fmt) if isinstance(fmt, str) else fmt
+    if isinstance(f.base, Fp8Format):
+        dtype, boundary = "fp8", 0
+    elif isinstance(f.base, VllmFormat):
+        dtype, boundary = f"turboquant_{f.base.recipe}", 2
+    else:
+        return None
+    if f.sink or f.sink_tok or f.boundary != boundary or not isinstance(f.boundary_fmt, ExactFormat):
+        raise ValueError(f"{f.name!r}: vLLM's kv_cache_dtype={dtype} has no sink / boundary options (it keeps "
+                         f"{boundary} boundary layers at each end in bf16); drop them for the vLLM engine")
+    return dtype
+
+
 def vllm_engine_kwargs(fmt: KVFormat | str | None, block_size: int | None = None) -> dict:
     """LLM(...) arguments for our backend in format `fmt` (None / "bf16": vLLM's own attention, bf16 KV).
 
-    `fmt` must be a tq_vllm preset (with preset-field overrides), optionally with boundary layers in bf16 or
-    another preset; sink blocks and the harness-only formats (fp8, vllm:*, emu) do not exist in the engine."""
+    `fmt` is a tq_vllm preset (with preset-field overrides), optionally with boundary layers in bf16 or another
+    preset, or one of the formats vLLM implements itself (``fp8``, ``vllm:4bit_nc`` = ``turboquant_4bit_nc``, ...:
+    vLLM's `kv_cache_dtype` with its default backend, see `vllm_kv_cache_dtype`); sink blocks and the emulator
+    (emu) do not exist in the engine."""
     kw: dict = {"enforce_eager": True, "max_num_seqs": 4, "seed": 0, "dtype": "bfloat16"}
     if fmt is None or fmt in ("bf16", "auto"):
         if block_size:
@@ -169,6 +191,13 @@ def vllm_engine_kwargs(fmt: KVFormat | str | None, block_size: int | None = None
     from .formats import ExactFormat, TQFormat
 
     f = make_format(fmt) if isinstance(fmt, str) else fmt
+    kv_dtype = vllm_kv_cache_dtype(f)
+    if kv_dtype is not None:
+        _check_platform_kv_dtype(kv_dtype)
+        kw["kv_cache_dtype"] = kv_dtype
+        if block_size:
+            kw["block_size"] = int(block_size)
+        return kw
     if not isinstance(f.base, TQFormat) or f.sink:
         raise ValueError(f"the vLLM engine runs tq_vllm presets only (optionally with boundary layers), not "
                          f"{f.name!r}")
@@ -190,6 +219,19 @@ def vllm_engine_kwargs(fmt: KVFormat | str | None, block_size: int | None = None
     return kw
 
 
+def _check_platform_kv_dtype(kv_dtype: str) -> None:
+    """Fail early and clearly where vLLM's build cannot run this kv_cache_dtype (the CPU build has no TurboQuant
+    cache; whether it takes fp8 depends on its attention backend, which says so itself)."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # no vLLM here: LLM(...) will say so
+        return
+    if kv_dtype.startswith("turboquant_") and current_platform.is_cpu():
+        raise ValueError(f"kv_cache_dtype={kv_dtype} (vLLM's own TurboQuant) needs vLLM's CUDA build; this is its "
+                         f"CPU build. Use a GPU, or --engine hf (the harness re-implementation, spec vllm:"
+                         f"{kv_dtype.removeprefix('turboquant_')})")
+
+
 def _engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -206,6 +248,16 @@ def close_engine(llm) -> None:
 
     del llm
     gc.collect()
+
+
+def free_device_memory() -> None:
+    """After the caller dropped its last reference to a closed engine: hand its device memory back, since the next
+    engine of this process profiles the free memory when it starts."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prompts(list_of_ids):
@@ -250,4 +302,6 @@ def ppl_vllm(model_dir: str, windows: list[Window], fmt: KVFormat | str | None, 
         r.per_window.append(math.exp(nll / cnt))
     r.seconds = time.perf_counter() - t0
     close_engine(llm)
+    del llm, outs
+    free_device_memory()
     return r

@@ -33,7 +33,7 @@ __all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_atte
            "use_triton", "DECODE_TILE", "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
-PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "128"))  # score columns per prefill program (QT*GP)
+PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "64"))  # score columns per prefill program (QT*GP)
 PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per page tile (prefill)
 STORE_ROWS = 64  # token rows per store program (several blocks when B < 64)
 
@@ -41,7 +41,17 @@ STORE_ROWS = 64  # token rows per store program (several blocks when B < 64)
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 # launch configs (num_warps, num_stages); overridable for tuning sweeps: TQ_VLLM_<NAME>_CFG="warps,stages"
-_CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (8, 1), "STORE": (4, 1), "REDUCE": (4, 1)}
+# Measured on an H200 (vLLM 0.26 stack, 2026-11-26; benchmarks/results/decode_variants.jsonl): decode with 4 warps,
+# 2 stages and at most 128 registers (4 programs per SM) 0.785 ms at 32 x 32K vs 0.830 (3 stages, 168 registers),
+# 0.995 (uncapped, 168 used, no prefetch); prefill 4 warps with 64 score columns 14.5 ms vs 23.2 (8 warps, 128).
+_CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": (4, 1)}
+_MAXNREG_DEFAULT = {"DECODE": 128}
+# PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
+# inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
+_PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
+# VNAT: value codes read token-major (vector loads) and transposed for the P·V dot by the compiler, instead of
+# byte loads straight into the transposed operand layout
+_VNAT_DEFAULT = {"DECODE": 0, "PREFILL": 0}
 LAST_KERNELS: dict = {}  # name -> last CompiledKernel launched (for inspection: n_regs, n_spills, shared, asm)
 
 
@@ -78,11 +88,17 @@ def _launch(name, kernel, grid, args, kwargs, fallbacks=()):
 
 def _cfg(name: str):
     v = os.environ.get(f"TQ_VLLM_{name}_CFG")
-    if v:
-        w, st = (int(x) for x in v.split(","))
-        return dict(num_warps=w, num_stages=st)
-    w, st = _CFG_DEFAULT[name]
-    return dict(num_warps=w, num_stages=st)
+    w, st = (int(x) for x in v.split(",")) if v else _CFG_DEFAULT[name]
+    cfg = dict(num_warps=w, num_stages=st)
+    nreg = int(os.environ.get(f"TQ_VLLM_{name}_MAXNREG", _MAXNREG_DEFAULT.get(name, 0)))
+    if nreg and not _interp():
+        cfg["maxnreg"] = nreg  # caps registers per thread (more programs per SM, maybe spills)
+    if name in _PF_DEFAULT:
+        cfg["PF"] = int(os.environ.get(f"TQ_VLLM_{name}_PF", _PF_DEFAULT[name]))
+        cfg["VNAT"] = int(os.environ.get(f"TQ_VLLM_{name}_VNAT", _VNAT_DEFAULT[name]))
+        # H1J: 3-bit codes' 1-bit plane read once per byte and split in registers (0: one byte load per column)
+        cfg["H1J"] = int(os.environ.get(f"TQ_VLLM_{name}_H1J", "1"))
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -313,20 +329,20 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
-            *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, *sst, *strides), dict(
-            H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, NSPLIT=S, FUSED=False,
+            *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
+            H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("DECODE"), **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
-            po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1)), dict(
-            H=H, G=G, GP=GP, D=D, DP=DP, NS1=S + 1, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
+            po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1), S + 1), dict(
+            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
     if nd < R:
         QT = meta.prefill_qt
         BP, BPS, TP, SUBT = _tile_cfg(B, int(os.environ.get("TQ_VLLM_PREFILL_TILE", PREFILL_TILE)))
         nqt = max(1, math.ceil(plan.max_query_len / QT))
         _launch("prefill", mod._tq_attn_kernel, (R - nd, nqt, H), (
-            *common, out, out, out, skv, stag, nd, sm_log2, rsd, nsink, *sst, *strides), dict(
-            H=H, G=G, GP=GP, QT=QT, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=64, NSPLIT=1, FUSED=True,
+            *common, out, out, out, skv, stag, nd, sm_log2, rsd, nsink, 1, *sst, *strides), dict(
+            H=H, G=G, GP=GP, QT=QT, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=64, FUSED=True,
             DC=DC, M=QT * GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("PREFILL"), **kw),
             fallbacks=({"num_warps": 4, "num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}))
     return out

@@ -54,7 +54,7 @@ def _codes(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.conste
 @triton.jit
 def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: tl.constexpr, W0: tl.constexpr,
              O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
-             ASM: tl.constexpr):
+             ASM: tl.constexpr, mr=None, XP: tl.constexpr = 0, TDIM: tl.constexpr = 1):
     """fp16 centroids of all R lattices of a code tensor (rows base/tok, columns t): up to 4 [N, XP] tensors.
     MODE 1/2: prmt look-ups in inline PTX (lut.py), one load per plane; MODE 0: table gathers (any bits)."""
     if MODE == 1:  # 4-bit codes, R == 2
@@ -65,7 +65,18 @@ def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: t
         c3 = c1
     elif MODE == 2:  # 2/3-bit codes, R == 4
         p0 = tl.load(ptr + (base + O0 + tok * (D // 4) + t), mask=m2, other=0)
-        if W1 > 0:
+        if W1 > 0 and XP > 0:
+            # the 1-bit plane byte of columns 2j, 2j+1 is loaded once (contiguous, so it is pipelined like the
+            # 2-bit plane) and its nibbles interleaved in registers; `mr` masks rows, t runs along axis TDIM
+            if TDIM == 1:
+                th = tl.arange(0, XP // 2)[None, :]
+                p1 = tl.load(ptr + (base + O1 + tok * (D // 8) + th), mask=mr & (th < D // 8), other=0)
+                hh = tl.reshape(tl.join(p1 & 15, p1 >> 4), [p1.shape[0], XP])
+            else:
+                th = tl.arange(0, XP // 2)[:, None]
+                p1 = tl.load(ptr + (base + O1 + tok * (D // 8) + th), mask=mr & (th < D // 8), other=0)
+                hh = tl.reshape(tl.permute(tl.join(p1 & 15, p1 >> 4), (0, 2, 1)), [XP, p1.shape[1]])
+        elif W1 > 0:
             p1 = tl.load(ptr + (base + O1 + tok * (D // 8) + t // 2), mask=m2, other=0).to(tl.int32)
             hh = ((p1 >> ((t % 2) * 4)) & 15).to(tl.uint8)
         else:
@@ -144,11 +155,102 @@ def _vexact_acc(acc, VT_ST, VT_IN, stg_ok, in_ok, pe, PI, R: tl.constexpr, r: tl
 
 
 @triton.jit
+def _raw_planes(ptr, base, tok, m2, t, R: tl.constexpr, D: tl.constexpr, O0: tl.constexpr, W0: tl.constexpr,
+                O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr):
+    """The bytes (int32) of up to 3 planes holding columns t of every lattice (lattices share the bytes)."""
+    b0 = tl.load(ptr + (base + O0 + tok * (D * W0 // 8) + t // ((8 // W0) // R)), mask=m2, other=0).to(tl.int32)
+    b1 = b0
+    b2 = b0
+    if W1 > 0:
+        b1 = tl.load(ptr + (base + O1 + tok * (D * W1 // 8) + t // ((8 // W1) // R)), mask=m2, other=0).to(tl.int32)
+    if W2 > 0:
+        b2 = tl.load(ptr + (base + O2 + tok * (D * W2 // 8) + t // ((8 // W2) // R)), mask=m2, other=0).to(tl.int32)
+    return b0, b1, b2
+
+
+@triton.jit
+def _code_raw(b0, b1, b2, t, R: tl.constexpr, r: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
+    code = (b0 >> (((t % ((8 // W0) // R)) * R + r) * W0)) & ((1 << W0) - 1)
+    if W1 > 0:
+        code = code | (((b1 >> (((t % ((8 // W1) // R)) * R + r) * W1)) & ((1 << W1) - 1)) << W0)
+    if W2 > 0:
+        code = code | (((b2 >> (((t % ((8 // W2) // R)) * R + r) * W2)) & ((1 << W2) - 1)) << (W0 + W1))
+    return code
+
+
+@triton.jit
+def _dec_raw(b0, b1, b2, t, C16, R: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
+    """fp16 centroids of all R lattices from raw plane bytes (`_raw_planes`), by table gathers."""
+    c0 = _lut(C16, _code_raw(b0, b1, b2, t, R, 0, W0, W1, W2))
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if R > 1:
+        c1 = _lut(C16, _code_raw(b0, b1, b2, t, R, 1, W0, W1, W2))
+    if R > 2:
+        c2 = _lut(C16, _code_raw(b0, b1, b2, t, R, 2, W0, W1, W2))
+        c3 = _lut(C16, _code_raw(b0, b1, b2, t, R, 3, W0, W1, W2))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _tile_bases(BT_ROW, it, t_hi, n_pages, h, tp, bb, pp, H: tl.constexpr, PAGE: tl.constexpr, B: tl.constexpr,
+                TP: tl.constexpr, BPS: tl.constexpr, SUBT: tl.constexpr):
+    """Page base offsets of page tile `it` (0 where masked): per token row [NR] and per page [TP]."""
+    pg = it // SUBT
+    jpage = pg * TP + tp
+    tok = (it % SUBT) * BPS + bb
+    rvalid = (jpage < n_pages) & (tok < B) & (jpage * 0 + it < t_hi)  # (block-shaped: the interpreter needs it)
+    blk = tl.load(BT_ROW + jpage, mask=rvalid, other=0).to(tl.int64)
+    jp = pg * TP + pp
+    pvalid = (jp < n_pages) & (jp * 0 + it < t_hi)
+    pblk = tl.load(BT_ROW + jp, mask=pvalid, other=0).to(tl.int64)
+    return (blk * H + h) * PAGE, (pblk * H + h) * PAGE
+
+
+@triton.jit
+def _tile_side(CACHE, base, pbase, it, t_hi, n_pages, tp, bb, pp, tK, tKm, tVT, tVmT, B: tl.constexpr,
+               TP: tl.constexpr, BPS: tl.constexpr, SUBT: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+               D: tl.constexpr, KSO: tl.constexpr, VSO: tl.constexpr,
+               KC: tl.constexpr, KMO0: tl.constexpr, KMW0: tl.constexpr, KMO1: tl.constexpr, KMW1: tl.constexpr,
+               KMO2: tl.constexpr, KMW2: tl.constexpr, KMSO: tl.constexpr,
+               VC: tl.constexpr, VMO0: tl.constexpr, VMW0: tl.constexpr, VMO1: tl.constexpr, VMW1: tl.constexpr,
+               VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr):
+    """The small per-token and per-page fields of page tile `it` (scales, raw mean bytes, mean scales); issued one
+    tile ahead so that their global-memory latency overlaps the current tile's work."""
+    pg = it // SUBT
+    jpage = pg * TP + tp
+    tok = (it % SUBT) * BPS + bb
+    rvalid = (jpage < n_pages) & (tok < B) & (jpage * 0 + it < t_hi)
+    jp = pg * TP + pp
+    pvalid = (jp < n_pages) & (jp * 0 + it < t_hi)
+    ks = _bf16_at(CACHE, base + KSO, tok, rvalid)
+    vsc = _bf16_at(CACHE, base + VSO, tok, rvalid)
+    kb0 = tl.zeros([TP, 1], dtype=tl.int32)
+    kb1 = kb0
+    kb2 = kb0
+    kms = tl.zeros([TP], dtype=tl.float32)
+    if KC:
+        kb0, kb1, kb2 = _raw_planes(CACHE, pbase[:, None], 0, pvalid[:, None] & tKm, tK, RK, D, KMO0, KMW0, KMO1,
+                                    KMW1, KMO2, KMW2)
+        kms = _bf16_at(CACHE, pbase + KMSO, 0, pvalid)
+    vb0 = tl.zeros([1, TP], dtype=tl.int32)
+    vb1 = vb0
+    vb2 = vb0
+    vms = tl.zeros([TP], dtype=tl.float32)
+    if VC:
+        vb0, vb1, vb2 = _raw_planes(CACHE, pbase[None, :], 0, pvalid[None, :] & tVmT, tVT, RV, D, VMO0, VMW0, VMO1,
+                                    VMW1, VMO2, VMW2)
+        vms = _bf16_at(CACHE, pbase + VMSO, 0, pvalid)
+    return ks, vsc, kb0, kb1, kb2, kms, vb0, vb1, vb2, vms
+
+
+@triton.jit(do_not_specialize=["NSPLIT"])  # split count is a runtime int: one compile serves every batch size
 def _tq_attn_kernel(
     Q, KIN, VIN, STG, CACHE, BT, QSL, SEQ, CSLOT,
     PI, PIQ, SPI, CK, CV, CKM, CVM,
     PO, PML, OUT, SKV, STAG,
-    row0, sm_log2, rsd, n_sink, s_k0, s_k1, s_k2,
+    row0, sm_log2, rsd, n_sink, NSPLIT, s_k0, s_k1, s_k2,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
     s_g0, s_g1, s_g2, s_g3,
     s_bt, s_ot, s_oh,
@@ -165,8 +267,10 @@ def _tq_attn_kernel(
     VC: tl.constexpr, VMO0: tl.constexpr, VMW0: tl.constexpr, VMO1: tl.constexpr, VMW1: tl.constexpr,
     VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
     PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr,
-    NSPLIT: tl.constexpr, FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
-    INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr, KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr,
+    FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
+    INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
+    KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
+    VNAT: tl.constexpr = 0, H1J: tl.constexpr = 1,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -273,6 +377,13 @@ def _tq_attn_kernel(
         bb = nr % BPS
         pp = tl.arange(0, TP)
         bt_row = BT + r.to(tl.int64) * s_bt
+        if PF:
+            # small fields one tile ahead, their page bases two tiles ahead (no dependent load inside a tile)
+            sb_c, spb_c = _tile_bases(bt_row, t_lo, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
+            sb_n, spb_n = _tile_bases(bt_row, t_lo + 1, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
+            ks, vsc, kb0, kb1, kb2, kms, vb0, vb1, vb2, vms = _tile_side(
+                CACHE, sb_c, spb_c, t_lo, t_hi, n_pages, tp, bb, pp, tK, tKm, tVT, tVmT, B, TP, BPS, SUBT, RK, RV, D,
+                KSO, VSO, KC, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, VC, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO)
         for it in range(t_lo, t_hi):
             pg = it // SUBT
             sub = it % SUBT
@@ -284,34 +395,30 @@ def _tq_attn_kernel(
             b2 = base[:, None]
             t2 = tok[:, None]
             m2 = rvalid[:, None]
+            if not PF:
+                sb_c, spb_c = _tile_bases(bt_row, it, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
+                ks, vsc, kb0, kb1, kb2, kms, vb0, vb1, vb2, vms = _tile_side(
+                    CACHE, sb_c, spb_c, it, t_hi, n_pages, tp, bb, pp, tK, tKm, tVT, tVmT, B, TP, BPS, SUBT, RK, RV,
+                    D, KSO, VSO, KC, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, VC, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2,
+                    VMSO)
             # ---- keys: centroid dot products, scaled per token ----
             k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
-                                          KMODE, KASM)
+                                          KMODE, KASM, m2, XK * H1J, 1)
             x = tl.dot(k0_, qT0)
             if RK > 1:
                 x += tl.dot(k1_, qT1)
             if RK > 2:
                 x += tl.dot(k2_, qT2)
                 x += tl.dot(k3_, qT3)
-            ks = _bf16_at(CACHE, base + KSO, tok, rvalid)
             sc = x * ks[:, None]
-            if KC or VC:
-                jp = pg * TP + pp
-                pvalid = jp < n_pages
-                pblk = tl.load(bt_row + jp, mask=pvalid, other=0).to(tl.int64)
-                pbase = (pblk * H + h) * PAGE
-                pb2 = pbase[:, None]
-                pm2 = pvalid[:, None]
             if KC:
-                n0_, n1_, n2_, n3_ = _dec_all(CACHE, pb2, 0, pm2 & tKm, tK, CKM, RK, D, KMO0, KMW0, KMO1, KMW1,
-                                              KMO2, KMW2, 0, "")
+                n0_, n1_, n2_, n3_ = _dec_raw(kb0, kb1, kb2, tK, CKM, RK, KMW0, KMW1, KMW2)
                 y = tl.dot(n0_, qT0)
                 if RK > 1:
                     y += tl.dot(n1_, qT1)
                 if RK > 2:
                     y += tl.dot(n2_, qT2)
                     y += tl.dot(n3_, qT3)
-                kms = _bf16_at(CACHE, pbase + KMSO, 0, pvalid)
                 y = y * kms[:, None]  # [TP, M]
                 sc += tl.reshape(tl.broadcast_to(y[:, None, :], [TP, BPS, M]), [NR, M])
             sc = sc * qsc[None, :]
@@ -340,21 +447,29 @@ def _tq_attn_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
             # ---- values: per-token scale folded into P (normalised to keep fp16 in range) ----
-            vsc = _bf16_at(CACHE, base + VSO, tok, rvalid)
             vmx = tl.max(tl.abs(vsc), axis=0)
             vmx = tl.where(vmx > 0, vmx, 1.0)
             pv = (p * (vsc / vmx)[:, None]).to(tl.float16)
             if VC:
-                vms = _bf16_at(CACHE, pbase + VMSO, 0, pvalid)  # [TP]
                 vmm = tl.max(tl.abs(vms), axis=0)
                 vmm = tl.where(vmm > 0, vmm, 1.0)
                 vms_t = tl.reshape(tl.broadcast_to((vms / vmm)[:, None], [TP, BPS]), [NR])
                 pm = (p * vms_t[:, None]).to(tl.float16)
-            bT = base[None, :]
-            tokT = tok[None, :]
-            mT = rvalid[None, :] & tVmT
-            v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
-                                          VMODE, VASM)
+            if VNAT:
+                # decoded token-major like the keys (vector loads), transposed for the dot by the compiler
+                tV = tl.arange(0, XV)[None, :]
+                w0_, w1_, w2_, w3_ = _dec_all(CACHE, b2, t2, m2 & (tV < D // RV), tV, CV, RV, D, VO0, VW0, VO1,
+                                              VW1, VO2, VW2, VMODE, VASM, m2, XV * H1J, 1)
+                v0_ = tl.trans(w0_)
+                v1_ = tl.trans(w1_)
+                v2_ = tl.trans(w2_)
+                v3_ = tl.trans(w3_)
+            else:
+                bT = base[None, :]
+                tokT = tok[None, :]
+                mT = rvalid[None, :] & tVmT
+                v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
+                                              VMODE, VASM, rvalid[None, :], XV * H1J, 0)
             acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vmx
             if RV > 1:
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vmx
@@ -362,14 +477,20 @@ def _tq_attn_kernel(
                 acc2 = acc2 * alpha[None, :] + tl.dot(v2_, pv) * vmx
                 acc3 = acc3 * alpha[None, :] + tl.dot(v3_, pv) * vmx
             if VC:
-                m0_, m1_, m2_, m3_ = _dec_all(CACHE, pbase[None, :], 0, pvalid[None, :] & tVmT, tVT, CVM, RV, D,
-                                              VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, 0, "")  # [XV, TP]
+                m0_, m1_, m2_, m3_ = _dec_raw(vb0, vb1, vb2, tVT, CVM, RV, VMW0, VMW1, VMW2)  # [XV, TP]
                 acc0 += tl.dot(tl.reshape(tl.broadcast_to(m0_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
                 if RV > 1:
                     acc1 += tl.dot(tl.reshape(tl.broadcast_to(m1_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
                 if RV > 2:
                     acc2 += tl.dot(tl.reshape(tl.broadcast_to(m2_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
                     acc3 += tl.dot(tl.reshape(tl.broadcast_to(m3_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm
+            if PF:
+                # issue the next tile's small fields and the page bases of the tile after it (used next round)
+                ks, vsc, kb0, kb1, kb2, kms, vb0, vb1, vb2, vms = _tile_side(
+                    CACHE, sb_n, spb_n, it + 1, t_hi, n_pages, tp, bb, pp, tK, tKm, tVT, tVmT, B, TP, BPS, SUBT, RK,
+                    RV, D, KSO, VSO, KC, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, VC, VMO0, VMW0, VMO1, VMW1, VMO2,
+                    VMW2, VMSO)
+                sb_n, spb_n = _tile_bases(bt_row, it + 2, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
 
     # ---- own blocks, exact: staging (positions < ctx) and this step's K/V (positions >= ctx) ----
     cslot = tl.load(CSLOT + r).to(tl.int64)
@@ -491,10 +612,10 @@ def _tq_attn_kernel(
         tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
 
 
-@triton.jit
-def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, s_ot, s_oh,
+@triton.jit(do_not_specialize=["NS1"])
+def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, s_ot, s_oh, NS1,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                      NS1: tl.constexpr, S1P: tl.constexpr, DC: tl.constexpr):
+                      S1P: tl.constexpr, DC: tl.constexpr):
     """Log-sum-exp merge of the split partials of one (decode row, KV head): partials 0..NS1-2 (pages, rotated
     domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is already unrotated."""
     i = tl.program_id(0)

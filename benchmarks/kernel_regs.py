@@ -1,0 +1,132 @@
+"""Compile tq_vllm's Triton kernels for a GPU target on a machine without a GPU and print registers, spills and
+shared memory per kernel (the first thing to look at when a kernel is slow; the lent GPU time is scarce).
+
+    python benchmarks/kernel_regs.py                    # sm_90 (H100/H200), tq4 + tq3, decode/prefill/store
+    python benchmarks/kernel_regs.py --presets tq4 --arch 90 --block 16 --ptx DIR   # also dump PTX/SASS
+
+Uses Triton's own compiler and the ptxas bundled with the `triton` wheel; nothing is launched. The numbers match
+what the GPU's Triton reports when the Triton versions match (the lent GPU runs 3.6.0; this machine may differ).
+Environment knobs of the launchers (TQ_VLLM_DECODE_CFG, TQ_VLLM_DECODE_TILE, ...) apply as usual.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+
+class _OfflineDriver:
+    """Just enough of a Triton driver for `kernel.warmup`: a fixed CUDA target, no device."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+class _FakeCudaDevice:
+    type = "cuda"
+    index = 0
+
+
+def install(arch: int):
+    """Route tq_vllm's launches to compile-only warmups for `arch`; returns the dict that collects the results."""
+    from tq_vllm import kernels as K
+
+    driver.set_active(_OfflineDriver(arch))
+    compiled = {}
+
+    def launch(name, kernel, grid, args, kwargs, fallbacks=()):
+        compiled[name] = kernel.warmup(*args, grid=grid, **kwargs)
+
+    real_lut = K._lut_modes
+    K._launch = launch
+    K.use_triton = lambda t, force=None: True
+    K._lut_modes = lambda codec, device, RK, RV: real_lut(codec, _FakeCudaDevice(), RK, RV)
+    return compiled
+
+
+def stats(ck):
+    """Registers and spill bytes from the cubin's resource usage (cuobjdump of the triton wheel)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia import compiler as nv
+    md = ck.metadata
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+        txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg = re.search(r"REG:(\d+)", txt)
+    spill = re.search(r"STACK:(\d+)", txt)
+    return dict(regs=int(reg.group(1)) if reg else -1, spills=int(spill.group(1)) if spill else -1,
+                shared_kb=round(md.shared / 1024, 1), warps=md.num_warps, stages=md.num_stages)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--presets", default="tq4,tq3")
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--gqa", type=int, default=4)
+    ap.add_argument("--kernels", default="decode,prefill,store")
+    ap.add_argument("--ptx", default=None, help="directory to write .ptx/.sass per kernel")
+    a = ap.parse_args()
+    compiled = install(a.arch)
+    import benchmarks.bench_decode as bd
+    # Model shapes of bench_decode, on CPU tensors (only their dtypes, strides and alignment matter here)
+    bd.DEV = "cpu"
+    bd.D = a.head_dim
+    bd.HQ = bd.HK * a.gqa
+    print(f"triton {triton.__version__}, target sm_{a.arch}, head_dim {a.head_dim}, GQA {a.gqa}, block {a.block}")
+    print(f"{'preset':8} {'kernel':8} {'regs':>5} {'stack B':>7} {'shared KB':>9} {'warps':>5} {'stages':>6}")
+    for preset in a.presets.split(","):
+        cases = {"decode": lambda: bd.tq_decode_case(preset, 4, 1000, a.block)[0](),
+                 "prefill": lambda: bd.tq_prefill_case(preset, 256, 64, a.block)(),
+                 "store": lambda: bd.store_case(preset, 8 * a.block, a.block)[0]()}
+        for name in a.kernels.split(","):
+            compiled.clear()
+            cases[name]()
+            for kname, ck in compiled.items():
+                if kname in ("reduce", "staging") and name != "decode":
+                    continue
+                s = stats(ck)
+                print(f"{preset:8} {kname:8} {s['regs']:>5} {s['spills']:>7} {s['shared_kb']:>9} {s['warps']:>5} "
+                      f"{s['stages']:>6}")
+                if a.ptx:
+                    os.makedirs(a.ptx, exist_ok=True)
+                    for ext in ("ptx", "sass", "ttgir"):
+                        try:
+                            txt = ck.asm[ext]
+                        except Exception:  # noqa: BLE001 - sass needs nvdisasm
+                            continue
+                        with open(os.path.join(a.ptx, f"{preset}_{kname}.{ext}"), "w") as f:
+                            f.write(txt)
+
+
+if __name__ == "__main__":
+    main()
