@@ -348,12 +348,27 @@ def parse_variants(spec: str):
     return out
 
 
+def _set_env(env: dict) -> dict:
+    """Apply `env`; returns what to hand to `_restore_env` afterwards."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return old
+
+
+def _restore_env(old: dict) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch.cuda.empty_cache()
+
+
 def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1024))):
     """Time decode variants (env knobs of tq_vllm.kernels) on the same inputs; returns rows, prints a table."""
     rows = []
     for name, env in parse_variants(spec):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        old = _set_env(env)
         for preset in presets:
             for R, ctx in shapes:
                 try:
@@ -366,12 +381,7 @@ def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1
                     row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
                 print("variant", json.dumps(row), flush=True)
                 rows.append(row)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        torch.cuda.empty_cache()
+        _restore_env(old)
     print(f"{'variant':14s} {'preset':6s} " + " ".join(f"{R}x{c}".rjust(12) for R, c in shapes))
     for name, _ in parse_variants(spec):
         for preset in presets:
@@ -387,8 +397,7 @@ def prefill_variants(spec, preset="tq4", B=32, prefix=32768, chunk=2048):
     """Time prefill variants (env knobs) on one chunk over a compressed prefix; returns rows."""
     rows = []
     for name, env in parse_variants(spec):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        old = _set_env(env)
         try:
             fn = tq_prefill_case(preset, prefix, chunk, B)
             ms = bench(fn, False)
@@ -400,12 +409,7 @@ def prefill_variants(spec, preset="tq4", B=32, prefix=32768, chunk=2048):
         print("variant", json.dumps(row), flush=True)
         print(f"prefill variant {name:14s} {row['ms']}", flush=True)
         rows.append(row)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        torch.cuda.empty_cache()
+        _restore_env(old)
     return rows
 
 

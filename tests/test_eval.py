@@ -296,6 +296,17 @@ def test_niah_prompt_and_hf_engine(tiny, tmp_path):
     assert cases[0].needle_token < cases[1].needle_token
     res = run_hf(model, tok, cases[:1], "tq4:block=16", max_new_tokens=2)
     assert len(res) == 1 and res[0].found in (True, False)
+    # "both": the task is also stated before the haystack; same length budget, needle at the same relative depth
+    from tq_vllm.eval.niah import INSTRUCTION
+
+    both = make_cases(tok, text, [300], [0.1, 0.9], style="both")
+    for c, e in zip(both, cases):
+        txt = tok.decode(c.prompt_ids)
+        assert abs(len(c.prompt_ids) - 300) < 30 and NEEDLE_VALUE in txt
+        assert txt.index(INSTRUCTION) < txt.index(NEEDLE_VALUE) and INSTRUCTION not in tok.decode(e.prompt_ids)
+    assert both[0].needle_token < both[1].needle_token
+    with pytest.raises(ValueError, match="prompt style"):
+        make_cases(tok, text, [300], [0.5], style="middle")
 
 
 @pytest.mark.engine

@@ -59,6 +59,8 @@ def add_eval_subcommands(subparsers) -> None:
     n.add_argument("--engine", choices=("vllm", "hf"), default="vllm",
                    help="vllm: the real engine with our backend (default); hf: the harness (any format)")
     n.add_argument("--max-new-tokens", type=int, default=32)
+    n.add_argument("--prompt", choices=("end", "both"), default="end",
+                   help="end: text then question; both: the task also stated before the text")
     n.set_defaults(func=_cmd_niah)
 
     f = sub.add_parser("formats", help="bytes per token per KV head of the presets and baselines")
@@ -200,8 +202,8 @@ def _cmd_niah(args) -> int:
     from .niah import make_cases, run_hf, run_vllm
 
     tok = AutoTokenizer.from_pretrained(model)
-    cases = make_cases(tok, text, args.context, args.depths)
-    out = {"model": model, "engine": args.engine, "runs": []}
+    cases = make_cases(tok, text, args.context, args.depths, args.prompt)
+    out = {"model": model, "engine": args.engine, "prompt": args.prompt, "runs": []}
     hf_model = None
     for spec in args.preset:
         spec = _with_block(spec, args.block_size)

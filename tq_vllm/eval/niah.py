@@ -17,6 +17,10 @@ import torch
 NEEDLE_VALUE = "73914"
 NEEDLE = f"The secret number is {NEEDLE_VALUE}. Remember it: the secret number is {NEEDLE_VALUE}."
 QUESTION = "What is the secret number in the text above? Reply with the number only."
+# prompt styles: "end" = text, then the question; "both" = the task stated before the text too (as NIAH suites put
+# it in the system prompt), which a small model needs to keep the needle in view over long haystacks
+INSTRUCTION = "Somewhere in the following text there is a secret number. Read the text and remember the number."
+PROMPT_STYLES = ("end", "both")
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 
 
@@ -66,10 +70,13 @@ def _chat_ids(tok, user: str) -> list[int]:
     return list(ids)
 
 
-def build_case(tok, hay_ids: list[int], context: int, depth: float) -> NiahCase:
+def build_case(tok, hay_ids: list[int], context: int, depth: float, style: str = "end") -> NiahCase:
     """A prompt of ~`context` tokens: haystack tokens cut at a sentence end near `depth`, the needle, the rest,
     then the question, all in one user turn of the chat template."""
-    overhead = len(_chat_ids(tok, "\n\n" + QUESTION)) + len(tok(" " + NEEDLE, add_special_tokens=False)["input_ids"])
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: choose one of {PROMPT_STYLES}")
+    head = INSTRUCTION + "\n\n" if style == "both" else ""
+    overhead = len(_chat_ids(tok, head + "\n\n" + QUESTION)) + len(tok(" " + NEEDLE, add_special_tokens=False)["input_ids"])
     budget = context - overhead - 4
     if budget < 16:
         raise ValueError(f"context {context} too small")
@@ -82,16 +89,16 @@ def build_case(tok, hay_ids: list[int], context: int, depth: float) -> NiahCase:
     cut = cut + m.end() if m and cut + m.end() < len(hay) else cut
     before, after = hay[:cut], hay[cut:]
     doc = before.rstrip() + " " + NEEDLE + " " + after.lstrip()
-    ids = _chat_ids(tok, doc + "\n\n" + QUESTION)
-    pre = _chat_ids(tok, before.rstrip())
+    ids = _chat_ids(tok, head + doc + "\n\n" + QUESTION)
+    pre = _chat_ids(tok, head + before.rstrip())
     return NiahCase(context, depth, ids, max(0, len(pre) - 5))
 
 
-def make_cases(tok, text_path, contexts, depths=DEFAULT_DEPTHS) -> list[NiahCase]:
+def make_cases(tok, text_path, contexts, depths=DEFAULT_DEPTHS, style: str = "end") -> list[NiahCase]:
     hay = haystack_text(text_path)
     need = max(contexts) * 6
     hay_ids = tok(hay[:need], add_special_tokens=False)["input_ids"]
-    return [build_case(tok, hay_ids, c, d) for c in contexts for d in depths]
+    return [build_case(tok, hay_ids, c, d, style) for c in contexts for d in depths]
 
 
 def _found(answer: str) -> bool:
