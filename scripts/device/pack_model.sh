@@ -69,18 +69,12 @@ print(assets.SMOLLM2_GGUF_SHA256 + assets.WIKI_DUMP_SHA256)")
   # ---- split into the room of each call
   rm -rf .stage/m[0-9]*
   "$PY" - "$BLOB" "$LIMIT" "$MARGIN" "$EXTRA_MAX" <<'EOF'
-import hashlib, os, subprocess, sys
+import hashlib, os, sys
 blob, limit, margin, extra_max = sys.argv[1], *map(int, sys.argv[2:])
+sys.path.insert(0, "scripts/device")
+from sizes import du, tree_bytes
 
-def du(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs
-               if os.path.isfile(os.path.join(r, f)))
-
-files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True,
-                       check=True).stdout.split(b"\0")
-tree = sum(os.path.getsize(f) for f in files if f and os.path.isfile(f))
+tree = tree_bytes()
 manifest_room = 4096  # model.nparts + model.sha256 in every folder
 base = tree + du(".stage/bin") + margin + manifest_room
 caps = [limit - base - du(".stage/p1"), limit - base - du(".stage/p2"),
@@ -124,18 +118,12 @@ fi
 
 # ---- the plan (recomputed from what is on disk now)
 "$PY" - "$LIMIT" <<'EOF'
-import glob, os, subprocess, sys
+import glob, os, sys
 limit = int(sys.argv[1])
+sys.path.insert(0, "scripts/device")
+from sizes import du, tree_bytes
 
-def du(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs
-               if os.path.isfile(os.path.join(r, f)))
-
-files = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True,
-                       check=True).stdout.split(b"\0")
-tree = sum(os.path.getsize(f) for f in files if f and os.path.isfile(f))
+tree = tree_bytes()
 ms = sorted(glob.glob(".stage/m[0-9]*"), key=lambda p: int(p.rsplit("m", 1)[1]))
 if not ms:
     print("pack_model: no .stage/m* folders: run without --check to build them")

@@ -49,9 +49,6 @@ _MAXNREG_DEFAULT = {"DECODE": 128}
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
 _PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
-# VNAT: value codes read token-major (vector loads) and transposed for the P·V dot by the compiler, instead of
-# byte loads straight into the transposed operand layout
-_VNAT_DEFAULT = {"DECODE": 0, "PREFILL": 0}
 LAST_KERNELS: dict = {}  # name -> last CompiledKernel launched (for inspection: n_regs, n_spills, shared, asm)
 
 
@@ -95,7 +92,6 @@ def _cfg(name: str):
         cfg["maxnreg"] = nreg  # caps registers per thread (more programs per SM, maybe spills)
     if name in _PF_DEFAULT:
         cfg["PF"] = int(os.environ.get(f"TQ_VLLM_{name}_PF", _PF_DEFAULT[name]))
-        cfg["VNAT"] = int(os.environ.get(f"TQ_VLLM_{name}_VNAT", _VNAT_DEFAULT[name]))
         # H1J: 3-bit codes' 1-bit plane read once per byte and split in registers (0: one byte load per column)
         cfg["H1J"] = int(os.environ.get(f"TQ_VLLM_{name}_H1J", "1"))
     return cfg

@@ -32,10 +32,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _plane(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr, O: tl.constexpr,
-           W: tl.constexpr):
-    """Bits of one plane (offset O, width W) for lattice r: element i = R*t + r of each row; int32."""
-    b = tl.load(ptr + (base + O + tok * (D * W // 8) + t // ((8 // W) // R)), mask=m2, other=0).to(tl.int32)
+def _bits(b, t, R: tl.constexpr, r: tl.constexpr, W: tl.constexpr):
+    """Bits of lattice r, column t, from plane bytes `b` (int32) of a W-bit plane: element i = R*t + r."""
     return (b >> (((t % ((8 // W) // R)) * R + r) * W)) & ((1 << W) - 1)
 
 
@@ -43,12 +41,8 @@ def _plane(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.conste
 def _codes(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr,
            O0: tl.constexpr, W0: tl.constexpr, O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr,
            W2: tl.constexpr):
-    code = _plane(ptr, base, tok, m2, t, R, r, D, O0, W0)
-    if W1 > 0:
-        code = code | (_plane(ptr, base, tok, m2, t, R, r, D, O1, W1) << W0)
-    if W2 > 0:
-        code = code | (_plane(ptr, base, tok, m2, t, R, r, D, O2, W2) << (W0 + W1))
-    return code
+    b0, b1, b2 = _raw_planes(ptr, base, tok, m2, t, R, D, O0, W0, O1, W1, O2, W2)
+    return _code_raw(b0, b1, b2, t, R, r, W0, W1, W2)
 
 
 @triton.jit
@@ -170,11 +164,12 @@ def _raw_planes(ptr, base, tok, m2, t, R: tl.constexpr, D: tl.constexpr, O0: tl.
 
 @triton.jit
 def _code_raw(b0, b1, b2, t, R: tl.constexpr, r: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
-    code = (b0 >> (((t % ((8 // W0) // R)) * R + r) * W0)) & ((1 << W0) - 1)
+    """Code of lattice r, column t, from the plane bytes of `_raw_planes`."""
+    code = _bits(b0, t, R, r, W0)
     if W1 > 0:
-        code = code | (((b1 >> (((t % ((8 // W1) // R)) * R + r) * W1)) & ((1 << W1) - 1)) << W0)
+        code = code | (_bits(b1, t, R, r, W1) << W0)
     if W2 > 0:
-        code = code | (((b2 >> (((t % ((8 // W2) // R)) * R + r) * W2)) & ((1 << W2) - 1)) << (W0 + W1))
+        code = code | (_bits(b2, t, R, r, W2) << (W0 + W1))
     return code
 
 
@@ -270,7 +265,7 @@ def _tq_attn_kernel(
     FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
-    VNAT: tl.constexpr = 0, H1J: tl.constexpr = 1,
+    H1J: tl.constexpr = 1,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -455,21 +450,11 @@ def _tq_attn_kernel(
                 vmm = tl.where(vmm > 0, vmm, 1.0)
                 vms_t = tl.reshape(tl.broadcast_to((vms / vmm)[:, None], [TP, BPS]), [NR])
                 pm = (p * vms_t[:, None]).to(tl.float16)
-            if VNAT:
-                # decoded token-major like the keys (vector loads), transposed for the dot by the compiler
-                tV = tl.arange(0, XV)[None, :]
-                w0_, w1_, w2_, w3_ = _dec_all(CACHE, b2, t2, m2 & (tV < D // RV), tV, CV, RV, D, VO0, VW0, VO1,
-                                              VW1, VO2, VW2, VMODE, VASM, m2, XV * H1J, 1)
-                v0_ = tl.trans(w0_)
-                v1_ = tl.trans(w1_)
-                v2_ = tl.trans(w2_)
-                v3_ = tl.trans(w3_)
-            else:
-                bT = base[None, :]
-                tokT = tok[None, :]
-                mT = rvalid[None, :] & tVmT
-                v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
-                                              VMODE, VASM, rvalid[None, :], XV * H1J, 0)
+            bT = base[None, :]
+            tokT = tok[None, :]
+            mT = rvalid[None, :] & tVmT
+            v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
+                                          VMODE, VASM, rvalid[None, :], XV * H1J, 0)
             acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vmx
             if RV > 1:
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vmx
