@@ -1,7 +1,7 @@
 """Compile tq_vllm's Triton kernels for a GPU target on a machine without a GPU and print registers, spills and
 shared memory per kernel (the first thing to look at when a kernel is slow; the lent GPU time is scarce).
 
-    python benchmarks/kernel_regs.py                    # sm_90 (H100/H200), tq4 + tq3, decode/prefill/store
+    python benchmarks/kernel_regs.py                    # sm_90 (H100/H200), tq4 + tq3, every kernel
     python benchmarks/kernel_regs.py --presets tq4 --arch 90 --block 16 --ptx DIR   # also dump PTX/SASS
 
 Uses Triton's own compiler and the ptxas bundled with the `triton` wheel; nothing is launched. The numbers match
@@ -86,6 +86,17 @@ def stats(ck):
                 shared_kb=round(md.shared / 1024, 1), warps=md.num_warps, stages=md.num_stages)
 
 
+def _dequant_case(preset, B, D, H=8):
+    """One launch of the prefill path's page dequantization (CPU tensors: only shapes and dtypes matter)."""
+    from tq_vllm import kernels as K
+    from tq_vllm.quant.codec import LayerCodec
+    codec = LayerCodec(preset, D, B)
+    cache = torch.zeros(8, H, B, codec.layout.bytes_per_token, dtype=torch.uint8)
+    ids = torch.arange(4, dtype=torch.int32)
+    ws = torch.empty(8, B, H, D, dtype=torch.bfloat16)
+    K.dequantize_blocks(codec, cache, ids, torch.zeros_like(ids), ws, torch.empty_like(ws), ids)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
@@ -93,7 +104,7 @@ def main():
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--gqa", type=int, default=4)
-    ap.add_argument("--kernels", default="decode,prefill,store")
+    ap.add_argument("--kernels", default="decode,prefill,store,dequant")
     ap.add_argument("--ptx", default=None, help="directory to write .ptx/.sass per kernel")
     a = ap.parse_args()
     compiled = install(a.arch)
@@ -107,7 +118,8 @@ def main():
     for preset in a.presets.split(","):
         cases = {"decode": lambda: bd.tq_decode_case(preset, 4, 1000, a.block)[0](),
                  "prefill": lambda: bd.tq_prefill_case(preset, 256, 64, a.block)(),
-                 "store": lambda: bd.store_case(preset, 8 * a.block, a.block)[0]()}
+                 "store": lambda: bd.store_case(preset, 8 * a.block, a.block)[0](),
+                 "dequant": lambda: _dequant_case(preset, a.block, a.head_dim)}
         for name in a.kernels.split(","):
             compiled.clear()
             cases[name]()

@@ -39,6 +39,8 @@ def test_config_defaults_and_parsing():
     assert TQConfig.from_vllm_config(vc).preset.name == "tq25"
     assert TQConfig.from_vllm_config(SimpleNamespace(additional_config={})).preset.name == "tq4"
     assert c.num_staging_slots(64) == 64 + 8 and TQConfig().num_staging_slots(256) == 256 + 32
+    assert TQConfig.from_dict({"prefill_workspace_tokens": 4096}).prefill_workspace_tokens == 4096
+    assert TQConfig().prefill_workspace_tokens is None  # the kernels' default
 
 
 @pytest.mark.parametrize("opts, match", [
@@ -51,6 +53,8 @@ def test_config_defaults_and_parsing():
     ({"staging_slots": 0}, "positive int"),
     ({"preset": {"base": "tq4", "k_bits": 9}}, "between 1 and 8"),
     ({"seed": "x"}, "must be an int"),
+    ({"prefill_workspace_tokens": 100}, r"prefill_workspace_tokens=100 must be an int >= 256"),
+    ({"prefill_workspace_tokens": True}, r"prefill_workspace_tokens=True must be an int"),
 ])
 def test_config_errors_name_problem_and_fix(opts, match):
     with pytest.raises(TQConfigError, match=match):

@@ -16,6 +16,10 @@ Keys (all optional):
   sink_entries     entries of each layer's exact first-token ("attention sink") table, content-addressed (token
                    0's K/V; docs/design.md); default 1024. More entries: fewer distinct first tokens share one.
   seed             seed of the per-layer rotations (must match between writer and reader of stored blocks).
+  prefill_workspace_tokens
+                   tokens of the per-GPU workspace that prefill/chunk steps dequantize pages into for vLLM's
+                   FlashAttention (K and V, model dtype, shared by all layers; allocated at load so vLLM counts
+                   it). Longer prefixes are attended in windows of this size. Default 32768.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from tq_vllm.quant.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
 CONFIG_KEY = "tq_vllm"
 EXACT = "bf16"  # boundary "preset" meaning: exact pages in the model dtype
-KNOWN_KEYS = ("preset", "boundary_layers", "boundary_preset", "staging_slots", "sink_entries", "seed")
+KNOWN_KEYS = ("preset", "boundary_layers", "boundary_preset", "staging_slots", "sink_entries", "seed",
+              "prefill_workspace_tokens")
 DEFAULT_SINK_ENTRIES = 1024
 
 
@@ -53,6 +58,7 @@ class TQConfig:
     staging_slots: int | None = None
     sink_entries: int = DEFAULT_SINK_ENTRIES
     seed: int = 0
+    prefill_workspace_tokens: int | None = None
     raw: tuple = ()  # the user's dict, as sorted items (for logs and hashing)
 
     # ------------------------------------------------------------------------------------------- parsing
@@ -90,9 +96,13 @@ class TQConfig:
         seed = d.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TQConfigError(f"tq_vllm: seed={seed!r} must be an int")
+        pws = d.get("prefill_workspace_tokens")
+        if pws is not None and (isinstance(pws, bool) or not isinstance(pws, int) or pws < 256):
+            raise TQConfigError(f"tq_vllm: prefill_workspace_tokens={pws!r} must be an int >= 256 (default 32768; "
+                                f"smaller means more passes over long prefixes)")
         raw = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in d.items()))
         return cls(preset=preset, boundary_first=first, boundary_last=last, boundary_preset=bp,
-                   staging_slots=slots, sink_entries=int(sink), seed=int(seed), raw=raw)
+                   staging_slots=slots, sink_entries=int(sink), seed=int(seed), prefill_workspace_tokens=pws, raw=raw)
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "TQConfig":
@@ -151,7 +161,8 @@ class TQConfig:
         return {"preset": dataclasses.asdict(self.preset), "boundary_layers": [self.boundary_first,
                                                                                self.boundary_last],
                 "boundary_preset": self.boundary_name, "staging_slots": self.staging_slots,
-                "sink_entries": self.sink_entries, "seed": self.seed}
+                "sink_entries": self.sink_entries, "seed": self.seed,
+                "prefill_workspace_tokens": self.prefill_workspace_tokens}
 
 
 def default_margin(max_num_seqs: int) -> int:

@@ -191,6 +191,8 @@ class TQMetadata(AttentionMetadata):
     # completes in this step: that block's exact tokens are also kept in `slot`, so a rejection that re-opens it
     # finds them (see TQMetadataBuilder._shadow_completed_blocks)
     shadows: tuple = ()
+    # host (query_start_loc [R+1], seq_lens [R], ctx_lens [R]): the prefill plan is made from them, no device read
+    host_rows: tuple | None = None
     # host arrays kept alive until the next step (sources of non-blocking H2D copies on CUDA)
     _keepalive: Any = None
     # kernel launch parameters per (KV heads, query heads), computed once per step from host data
@@ -201,7 +203,8 @@ class TQMetadata(AttentionMetadata):
             self._meta = {}
         key = (num_kv_heads, num_q_heads)
         if key not in self._meta:
-            self._meta[key] = ops.prepare_meta(self.plan, num_kv_heads, num_q_heads, self.num_decode_rows)
+            self._meta[key] = ops.prepare_meta(self.plan, num_kv_heads, num_q_heads, self.num_decode_rows,
+                                               host_rows=self.host_rows)
         return self._meta[key]
 
 
@@ -334,8 +337,9 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
                         qb_row=b["qb_row"][:M], qb_idx=b["qb_idx"][:M], block_table=cam.block_table_tensor[:R],
                         block_size=B, num_tokens=int(qsl[-1]), max_query_len=int(qlen.max()) if R else 0,
                         max_seq_len=max_seq)
+        host_rows = (qsl, seq, ctx) if nd < R else None
         return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
-                          shadows=shadows, _keepalive=(host, hq))
+                          shadows=shadows, host_rows=host_rows, _keepalive=(host, hq))
 
     def _shadow_completed_blocks(self, alloc, qsl, ctx_l, seq_l, ctx_slots, ctx_ids) -> tuple:
         """Speculative decoding: a verification row (1 < q <= 1 + num_speculative_tokens) whose open block
@@ -397,6 +401,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         self.codec: LayerCodec | None = None
         self.staging: torch.Tensor | None = None
         self.sink: tuple | None = None  # (kv [N, 2, H, D], tags [N, H]) exact first tokens, when the preset has it
+        self.workspace = None  # CUDA: the shared prefill workspace (kernels/prefill.py)
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
 
@@ -437,6 +442,10 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             self.codec = LayerCodec(self.format, self.head_size, block_size, layer_index=self.layer_index or 0,
                                     seed=active_config().seed, device=self.device)
         self.staging = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cuda":
+            from tq_vllm.kernels.prefill import workspace_for
+            self.workspace = workspace_for(self.device, self.dtype, block_size, self.num_kv_heads, self.head_size,
+                                           active_config().prefill_workspace_tokens)
         if self.codec.preset.sink and self.sink is None:
             self.sink = new_sink_table(active_config().sink_entries, self.num_kv_heads, self.head_size, self.dtype,
                                        self.device)
@@ -477,7 +486,7 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
             meta = attn_metadata.kernel_meta(self.num_kv_heads, self.num_heads) if not plan.seq_lens.is_cpu \
                 else None
             ops.forward_step(self.codec, query[:n], key[:n], value[:n], kv_cache, self.staging, plan, self.scale,
-                             out=out, sink=self.sink, meta=meta)
+                             out=out, sink=self.sink, meta=meta, workspace=self.workspace)
         return output
 
 

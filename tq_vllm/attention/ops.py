@@ -38,20 +38,24 @@ def kernels_graph_safe() -> bool:
     return k is not None and hasattr(k, "prepare") and bool(getattr(k, "CUDA_GRAPH_SAFE", True))
 
 
-def prepare_meta(plan, num_kv_heads: int, num_q_heads: int, num_decode_rows: int):
-    """Host launch parameters of the kernels for this step (None without kernels)."""
+def prepare_meta(plan, num_kv_heads: int, num_q_heads: int, num_decode_rows: int, host_rows=None):
+    """Host launch parameters of the kernels for this step (None without kernels). `host_rows`: host
+    (query_start_loc, seq_lens, ctx_lens), so that the prefill plan reads no device tensor."""
     k, _ = _resolve()
     if k is None or not hasattr(k, "prepare"):
         return None
-    return k.prepare(plan, num_kv_heads, num_q_heads, num_decode_rows=num_decode_rows)
+    return k.prepare(plan, num_kv_heads, num_q_heads, num_decode_rows=num_decode_rows, host_rows=host_rows)
 
 
-def forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=None, sink=None, meta=None):
+def forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=None, sink=None, meta=None,
+                 workspace=None):
     """store -> attention -> staging write of one layer and step (see docs/design.md). Returns the output
-    `[T, Hq, D]` (written into `out` when given). `sink` = (kv, tags) table of exact first tokens."""
+    `[T, Hq, D]` (written into `out` when given). `sink` = (kv, tags) table of exact first tokens; `workspace`:
+    the CUDA prefill workspace (tq_vllm.kernels.prefill)."""
     k, _ = _resolve()
     if k is not None:
-        r = k.forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, sink=sink)
+        r = k.forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, sink=sink,
+                           workspace=workspace)
     else:
         from tq_vllm.quant.reference import forward_step as ref
         r = ref(codec, query, key, value, kv_cache, staging, plan, scale, sink=sink)

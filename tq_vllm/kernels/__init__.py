@@ -30,7 +30,7 @@ from tq_vllm.quant.plan import StepPlan
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_attention", "forward_step",
-           "use_triton", "DECODE_TILE", "PREFILL_ROWS"]
+           "dequantize_blocks", "prefill_attention", "prefill_mode", "use_triton", "DECODE_TILE", "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
 PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "64"))  # score columns per prefill program (QT*GP)
@@ -141,12 +141,34 @@ class KernelMeta:
     num_splits: int
     decode_tile: int
     prefill_qt: int
+    # host (query_start_loc [R+1], seq_lens [R], ctx_lens [R]) of the step, for the prefill plan (None: read the
+    # plan's tensors when first needed)
+    host_rows: tuple | None = None
+    _prefill: dict | None = None  # workspace blocks -> PrefillPlan (on the device), built once per step
+
+    def prefill_plan(self, plan: StepPlan, ws_blocks: int, device):
+        """The FlashAttention prefill passes of rows [num_decode_rows, R) for a workspace of `ws_blocks` blocks."""
+        from .prefill import plan_prefill
+        if self._prefill is None:
+            self._prefill = {}
+        key = (int(ws_blocks), str(device))
+        if key not in self._prefill:
+            if self.host_rows is None:
+                qsl = plan.query_start_loc.detach().to("cpu", torch.int64)
+                self.host_rows = (qsl, plan.seq_lens.detach().to("cpu", torch.int64),
+                                  plan.seq_lens.detach().to("cpu", torch.int64) - (qsl[1:] - qsl[:-1]))
+            qsl, seq, ctx = (torch.as_tensor(x).numpy() for x in self.host_rows)
+            pp = plan_prefill(qsl, seq, ctx, range(self.num_decode_rows, plan.num_rows), plan.block_size,
+                              ws_blocks)
+            self._prefill[key] = pp.to_device(device)
+        return self._prefill[key]
 
 
 def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, num_decode_rows: int | None = None,
-            device=None) -> KernelMeta:
+            device=None, host_rows: tuple | None = None) -> KernelMeta:
     """Host part of a step's launch configuration. `num_decode_rows=None` reads `plan.query_start_loc` (a host
-    sync; pass it from the builder's host data in the CUDA-graph path)."""
+    sync; pass it from the builder's host data in the CUDA-graph path). `host_rows` = host (query_start_loc,
+    seq_lens, ctx_lens) lets the prefill plan be made without reading device tensors."""
     R = plan.num_rows
     if num_decode_rows is None:
         qsl = plan.query_start_loc.detach().to("cpu", torch.int64)
@@ -163,7 +185,8 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
     G = (num_q_heads // num_kv_heads) if num_q_heads else 1
     GP = max(next_pow2(G), int(os.environ.get("TQ_VLLM_MIN_GP", "1")))
     qt = max(1, int(os.environ.get("TQ_VLLM_PREFILL_ROWS", PREFILL_ROWS)) // GP)
-    return KernelMeta(num_decode_rows=int(num_decode_rows), num_splits=S, decode_tile=tile, prefill_qt=qt)
+    return KernelMeta(num_decode_rows=int(num_decode_rows), num_splits=S, decode_tile=tile, prefill_qt=qt,
+                      host_rows=host_rows)
 
 
 def _meta(plan, H, Hq, meta):
@@ -278,11 +301,13 @@ def _tile_cfg(B: int, tile: int):
 def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     kv_cache: torch.Tensor, staging: torch.Tensor, plan: StepPlan, scale: float,
                     out: torch.Tensor | None = None, meta: KernelMeta | None = None,
-                    force: str | None = None, sink=None) -> torch.Tensor:
+                    force: str | None = None, sink=None, workspace=None) -> torch.Tensor:
     """Causal attention of the step's queries with decode semantics (earlier blocks from pages, own block exact;
     token 0 of a first block exact from the sink table `sink` when its tag matches).
     Returns `out` [T, Hq, D] (query dtype unless `out` is given). Call after `store_blocks` and before
-    `write_staging` of the same step."""
+    `write_staging` of the same step. Decode rows run the split-K Triton kernel; prefill/chunk rows run
+    FlashAttention over dequantized pages (`prefill_mode`, `workspace`: a `prefill.PrefillWorkspace`, default the
+    shared one of this device) or the fused Triton kernel."""
     T, Hq, D = query.shape
     if out is None:
         out = torch.empty(T, Hq, D, dtype=query.dtype if query.dtype != torch.float32 else torch.float32,
@@ -332,7 +357,11 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
             po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1), S + 1), dict(
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
-    if nd < R:
+    if nd < R and prefill_mode(codec, query) == "fa":
+        from .prefill import flash_attn_fn
+        prefill_attention(codec, query, key, value, kv_cache, staging, plan, scale, out, meta,
+                          attn_fn=flash_attn_fn(), sink=sink, force=force, workspace=workspace)
+    elif nd < R:
         QT = meta.prefill_qt
         BP, BPS, TP, SUBT = _tile_cfg(B, int(os.environ.get("TQ_VLLM_PREFILL_TILE", PREFILL_TILE)))
         nqt = max(1, math.ceil(plan.max_query_len / QT))
@@ -341,6 +370,111 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             H=H, G=G, GP=GP, QT=QT, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=64, FUSED=True,
             DC=DC, M=QT * GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("PREFILL"), **kw),
             fallbacks=({"num_warps": 4, "num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}))
+    return out
+
+
+def prefill_mode(codec: LayerCodec, query: torch.Tensor) -> str:
+    """"fa" (vLLM's FlashAttention over dequantized pages) or "triton" (the fused kernel over pages) for prefill
+    rows: TQ_VLLM_PREFILL=auto|fa|triton; auto picks fa where vLLM's FlashAttention runs this head size/dtype."""
+    mode = os.environ.get("TQ_VLLM_PREFILL", "auto")
+    if mode not in ("auto", "fa", "triton"):
+        raise ValueError(f"TQ_VLLM_PREFILL={mode!r}: choose auto, fa or triton")
+    if mode == "triton" or not query.is_cuda:
+        return "triton"
+    from .prefill import flash_attn_fn
+    ok = (flash_attn_fn() is not None and query.dtype in (torch.float16, torch.bfloat16)
+          and codec.head_dim in (64, 96, 128, 256) and codec.block_size % 16 == 0)
+    if mode == "fa" and not ok:
+        raise RuntimeError("TQ_VLLM_PREFILL=fa: vLLM's FlashAttention is not available for this device, dtype, "
+                           f"head size {codec.head_dim} or block size {codec.block_size}; use auto")
+    return "fa" if ok else "triton"
+
+
+def dequantize_blocks(codec: LayerCodec, kv_cache: torch.Tensor, block_ids: torch.Tensor, first: torch.Tensor,
+                      ws_k: torch.Tensor, ws_v: torch.Tensor, dst: torch.Tensor, sink=None,
+                      force: str | None = None) -> None:
+    """ws_k[dst[i]], ws_v[dst[i]] ([B, H, D] each, original domain, workspace dtype) <- page `block_ids[i]`
+    dequantized; where `first[i]` != 0 and the sink table holds the page's token 0, that token is exact.
+    block_ids, first, dst: [N] int; ws_k, ws_v: [blocks, B, H, D]."""
+    N = block_ids.numel()
+    if N == 0:
+        return
+    if not use_triton(kv_cache, force):
+        k, v = codec.dequantize_pages(kv_cache, block_ids)  # [N, B, H, D] float32
+        if sink is not None and codec.preset.sink:
+            f = first.to(torch.bool)
+            if bool(f.any()):
+                valid, k0, v0 = _ref.sink_lookup(codec, kv_cache, block_ids[f], sink)
+                k[f, 0] = torch.where(valid[..., None], k0, k[f, 0])
+                v[f, 0] = torch.where(valid[..., None], v0, v[f, 0])
+        ws_k[dst.long()] = k.to(ws_k.dtype)
+        ws_v[dst.long()] = v.to(ws_v.dtype)
+        return
+    lay = codec.layout
+    D, B = lay.head_dim, lay.block_size
+    H = kv_cache.shape[1]
+    codec.page_view(kv_cache)
+    assert ws_k.stride() == ws_v.stride() and ws_k.stride(-1) == 1
+    tb = tables(codec, kv_cache.device)
+    kw = layout_constexprs(lay)
+    for k in ("RK", "RV", "XK", "XV"):
+        kw.pop(k)
+    kw.pop("B"), kw.pop("D")
+    pi16 = tb.rot16.get(torch.bfloat16)
+    skv, stag, nsink, sst, has_sink = _sink_args(sink, kv_cache.device, ws_k.dtype)
+    kw["SINK"] = kw["SINK"] and has_sink
+    mod = _kmod("dequant")
+    _launch("dequant", mod._tq_dequant_kernel, (N, H), (
+        kv_cache, block_ids, dst, first, ws_k, ws_v, tb.rot, pi16 if pi16 is not None else tb.rot, tb.qjl,
+        tb.c32["k"], tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.rsd, nsink,
+        ws_k.stride(0), ws_k.stride(1), ws_k.stride(2), *sst), dict(
+        H=H, D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), PM1=pi16 is not None, DC=DC, INTERP=_interp(),
+        num_warps=4, num_stages=1, **kw))
+
+
+def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
+                      out: torch.Tensor, meta: KernelMeta, attn_fn, sink=None, force: str | None = None,
+                      workspace=None) -> torch.Tensor:
+    """Rows [meta.num_decode_rows, R) of the step through `attn_fn` (vLLM's FlashAttention, or
+    `prefill.varlen_paged_ref` in tests) over dequantized pages; see prefill.py. Writes out [T, Hq, D]."""
+    from .prefill import merge_into, workspace_for
+    T, Hq, D = query.shape
+    H = key.shape[1]
+    B = plan.block_size
+    ws = workspace or workspace_for(query.device, query.dtype, B, H, D)
+    if ws.k.dtype != query.dtype or tuple(ws.k.shape[1:]) != (B, H, D):
+        raise ValueError(f"prefill workspace {tuple(ws.k.shape)} {ws.k.dtype} does not match [*, {B}, {H}, {D}] "
+                         f"{query.dtype}")
+    pp = meta.prefill_plan(plan, ws.blocks, query.device)
+    wk, wv = ws.k.view(-1, H, D), ws.v.view(-1, H, D)
+    lse_g = [None] * pp.num_groups
+    for ps in pp.passes:
+        if ps.in_dst.numel():
+            wk[ps.in_dst.long()] = key[ps.in_src.long()].to(wk.dtype)
+            wv[ps.in_dst.long()] = value[ps.in_src.long()].to(wv.dtype)
+        if ps.st_dst.numel():
+            slots = plan.ctx_slot[ps.st_row.long()].long()
+            off = ps.st_off.long()
+            wk[ps.st_dst.long()] = staging[slots, 0, off].to(wk.dtype)
+            wv[ps.st_dst.long()] = staging[slots, 1, off].to(wv.dtype)
+        if ps.deq_dst.numel():
+            ids = plan.block_table[ps.deq_row.long(), ps.deq_blk.long()]
+            dequantize_blocks(codec, kv_cache, ids, ps.deq_first, ws.k, ws.v, ps.deq_dst, sink=sink, force=force)
+        q = query[ps.q0:ps.q1]
+        o = out[ps.q0:ps.q1]
+        args = (ws.k, ws.v, ps.cu_q, ps.max_q, ps.seqused_k, ps.max_k, ps.block_table, scale, ps.causal)
+        if ps.group < 0 or ps.first_of_group:
+            direct = o.is_contiguous() and o.dtype == q.dtype
+            res, lse = attn_fn(q, *args, out=o if direct else None)
+            if not direct:
+                o.copy_(res)
+            if ps.group >= 0:
+                lse_g[ps.group] = lse.float()
+        else:
+            g0 = pp.group_q[ps.group][0]
+            res, lse = attn_fn(q, *args, out=None)
+            a = ps.q0 - g0
+            merge_into(o, lse_g[ps.group][:, a:a + (ps.q1 - ps.q0)], res, lse)
     return out
 
 
@@ -360,11 +494,11 @@ def _lut_modes(codec, device, RK, RV):
 
 def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
                  out: torch.Tensor | None = None, meta: KernelMeta | None = None, force: str | None = None,
-                 sink=None):
+                 sink=None, workspace=None):
     """One layer's step: store the completed blocks, attend, then stage the open blocks. Returns out [T, Hq, D].
     `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded)."""
     store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
     out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, force=force,
-                          sink=sink)
+                          sink=sink, workspace=workspace)
     write_staging(staging, key, value, plan, force=force)
     return out
