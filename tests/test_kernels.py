@@ -33,6 +33,14 @@ def _triton_mode(monkeypatch):
         monkeypatch.setattr(K, "PREFILL_ROWS", 32)
 
 
+@pytest.fixture(autouse=True)
+def _no_silent_prefill_fallback():
+    """On a GPU the prefill rows go through FlashAttention: a failure there must not hide behind the fallback."""
+    n = len(K._FA_FAILED)
+    yield
+    assert len(K._FA_FAILED) == n, K._FA_FAILED[n:]
+
+
 def _seed(*key) -> int:
     """Stable across processes (hash() of a str is salted per process)."""
     return zlib.crc32(repr(key).encode()) % 100003

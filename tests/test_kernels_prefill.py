@@ -183,10 +183,10 @@ def _fa_op(ws_blocks, dtype, attn_fn, force, checks):
         assert torch.isnan(out[:t0]).all(), "decode rows were written by the prefill path"
         got = out[t0:]
         assert not torch.isnan(got).any()
-        if got.numel():  # worst token: a pass or merge that goes wrong for some queries only must show
+        if got.numel():  # (all tokens, worst token): a pass or merge that goes wrong for some queries must show
             e = exp[t0:].float()
             err = (got.float() - e).flatten(1).norm(dim=1) / e.flatten(1).norm(dim=1).clamp_min(1e-6)
-            checks.append(err.max().item())
+            checks.append((_rel(got, e), err.max().item()))
         ref.write_staging(staging, k, v, plan)
         return exp
     return op
@@ -220,7 +220,7 @@ def test_prefill_path_matches_reference(preset, D, B, H, G, dtype, ws):
     for step in ([(0, 37), (1, 70)], [(0, 1), (1, 21), (2, 50)], [(1, 1), (0, 45), (2, 3)], [(2, 1), (0, 40)],
                  [(1, 1), (0, 70)]):
         sim.step(op, step, q, k, v, D ** -0.5)
-    assert checks and max(checks) < (2e-2 if dtype == torch.bfloat16 else 6e-3), checks
+    assert checks and max(w for _, w in checks) < (2e-2 if dtype == torch.bfloat16 else 6e-3), checks
 
 
 def test_merge_into_handles_empty_parts():
@@ -257,7 +257,8 @@ def test_gpu_prefill_fa_llama_shapes(preset):
         op = _fa_op(ws, dtype, P.flash_attn_fn(), "triton", checks)
         for step in ([(0, 2000), (1, 1500)], [(0, 1), (1, 2011)], [(0, 1999), (1, 1)]):
             sim.step(op, step, q, k, v, D ** -0.5)
-        assert max(checks) < 1.2e-2, (ws, checks)
+        assert max(w for _, w in checks) < 1.2e-2, (ws, checks)  # worst token (passed on an H200, 2026-11-26)
+    assert not K._FA_FAILED
 
 
 def test_workspace_is_shared_and_sized_in_blocks(monkeypatch):
@@ -267,3 +268,39 @@ def test_workspace_is_shared_and_sized_in_blocks(monkeypatch):
     assert P.workspace_for("cpu", torch.bfloat16, 16, 2, 64, tokens=1000) is a  # one per (device, dtype, shape)
     monkeypatch.setenv("TQ_VLLM_PREFILL_WS_TOKENS", "320")
     assert P.workspace_for("cpu", torch.bfloat16, 16, 2, 64, tokens=1000).blocks == 20
+
+
+def test_flash_attention_failure_falls_back_to_the_fused_kernel(monkeypatch):
+    """auto: a FlashAttention build that raises is reported once and the fused Triton kernel serves the step (and
+    every later one); TQ_VLLM_PREFILL=fa raises instead."""
+    def broken(*a, **kw):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(K, "_FA_FAILED", [])
+    monkeypatch.setattr(K, "prefill_mode", lambda codec, q: "triton" if K._FA_FAILED else "fa")
+    monkeypatch.setattr(P, "flash_attn_fn", lambda: broken)
+    D, B, H, G = 64, 16, 1, 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    g = torch.Generator().manual_seed(5)
+    q = {0: torch.randn(50, H * G, D, generator=g).to(torch.bfloat16).to(DEV)}
+    k = {0: torch.randn(50, H, D, generator=g).to(torch.bfloat16).to(DEV)}
+    v = {0: torch.randn(50, H, D, generator=g).to(torch.bfloat16).to(DEV)}
+    for env in ("fa", "auto"):
+        monkeypatch.setenv("TQ_VLLM_PREFILL", env)
+        sim = PagedSim(codec, H, num_blocks=8, num_slots=4, dtype=torch.bfloat16, device=DEV)
+
+        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+            out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+            K.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, force="triton", sink=sink)
+            return out
+
+        if env == "fa":
+            with pytest.raises(K.FlashAttentionError, match="no kernel image"):
+                sim.step(op, [(0, 40)], q, k, v, D ** -0.5)
+            assert not K._FA_FAILED
+            continue
+        with pytest.warns(UserWarning, match="FlashAttention prefill failed"):
+            got = sim.step(op, [(0, 40)], q, k, v, D ** -0.5)[0]
+        ref_sim = PagedSim(codec, H, num_blocks=8, num_slots=4, dtype=torch.bfloat16, device=DEV)
+        exp = ref_sim.step(ref.forward_step, [(0, 40)], q, k, v, D ** -0.5)[0]
+        assert len(K._FA_FAILED) == 1 and _rel(got, exp) < 8e-3

@@ -30,7 +30,8 @@ from tq_vllm.quant.plan import StepPlan
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_attention", "forward_step",
-           "dequantize_blocks", "prefill_attention", "prefill_mode", "use_triton", "DECODE_TILE", "PREFILL_ROWS"]
+           "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton", "DECODE_TILE",
+           "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
 PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "64"))  # score columns per prefill program (QT*GP)
@@ -359,9 +360,18 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
-        prefill_attention(codec, query, key, value, kv_cache, staging, plan, scale, out, meta,
-                          attn_fn=flash_attn_fn(), sink=sink, force=force, workspace=workspace)
-    elif nd < R:
+        try:
+            prefill_attention(codec, query, key, value, kv_cache, staging, plan, scale, out, meta,
+                              attn_fn=flash_attn_fn(), sink=sink, force=force, workspace=workspace)
+            return out
+        except FlashAttentionError as err:  # a FlashAttention build that refuses these inputs (our bugs raise)
+            if os.environ.get("TQ_VLLM_PREFILL", "auto") == "fa":
+                raise
+            _FA_FAILED.append(err)
+            import warnings
+            warnings.warn(f"tq_vllm.kernels: FlashAttention prefill failed ({type(err).__name__}: {str(err)[:200]}); "
+                          f"using the fused Triton prefill kernel from now on")
+    if nd < R:
         QT = meta.prefill_qt
         BP, BPS, TP, SUBT = _tile_cfg(B, int(os.environ.get("TQ_VLLM_PREFILL_TILE", PREFILL_TILE)))
         nqt = max(1, math.ceil(plan.max_query_len / QT))
@@ -373,13 +383,20 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     return out
 
 
+_FA_FAILED: list = []  # errors of the FlashAttention prefill path (auto mode falls back to the fused kernel for good)
+
+
+class FlashAttentionError(RuntimeError):
+    """vLLM's FlashAttention raised on a prefill pass (an unsupported GPU, head size or build)."""
+
+
 def prefill_mode(codec: LayerCodec, query: torch.Tensor) -> str:
     """"fa" (vLLM's FlashAttention over dequantized pages) or "triton" (the fused kernel over pages) for prefill
     rows: TQ_VLLM_PREFILL=auto|fa|triton; auto picks fa where vLLM's FlashAttention runs this head size/dtype."""
     mode = os.environ.get("TQ_VLLM_PREFILL", "auto")
     if mode not in ("auto", "fa", "triton"):
         raise ValueError(f"TQ_VLLM_PREFILL={mode!r}: choose auto, fa or triton")
-    if mode == "triton" or not query.is_cuda:
+    if mode == "triton" or not query.is_cuda or (mode == "auto" and _FA_FAILED):
         return "triton"
     from .prefill import flash_attn_fn
     ok = (flash_attn_fn() is not None and query.dtype in (torch.float16, torch.bfloat16)
@@ -463,16 +480,19 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
         q = query[ps.q0:ps.q1]
         o = out[ps.q0:ps.q1]
         args = (ws.k, ws.v, ps.cu_q, ps.max_q, ps.seqused_k, ps.max_k, ps.block_table, scale, ps.causal)
-        if ps.group < 0 or ps.first_of_group:
-            direct = o.is_contiguous() and o.dtype == q.dtype
+        first = ps.group < 0 or ps.first_of_group
+        direct = first and o.is_contiguous() and o.dtype == q.dtype
+        try:
             res, lse = attn_fn(q, *args, out=o if direct else None)
+        except Exception as err:  # noqa: BLE001
+            raise FlashAttentionError(f"{type(err).__name__}: {err}") from err
+        if first:
             if not direct:
                 o.copy_(res)
             if ps.group >= 0:
                 lse_g[ps.group] = lse.float()
         else:
             g0 = pp.group_q[ps.group][0]
-            res, lse = attn_fn(q, *args, out=None)
             a = ps.q0 - g0
             merge_into(o, lse_g[ps.group][:, a:a + (ps.q1 - ps.q0)], res, lse)
     return out
