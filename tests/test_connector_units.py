@@ -310,7 +310,8 @@ def test_pool_roundtrip_cuda():
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
-def _fake_configs(tmp_path, *, preset="tq4", seed=None, block=16, tp=1, weights=b"w" * 10, staging=None, layers=2):
+def _fake_configs(tmp_path, *, preset="tq4", seed=None, block=16, tp=1, weights=b"w" * 10, staging=None, layers=2,
+                  workspace=None):
     from types import SimpleNamespace as NS
 
     mdir = tmp_path / "model"
@@ -321,6 +322,8 @@ def _fake_configs(tmp_path, *, preset="tq4", seed=None, block=16, tp=1, weights=
         tq["seed"] = seed
     if staging is not None:
         tq["staging_slots"] = staging
+    if workspace is not None:
+        tq["prefill_workspace_tokens"] = workspace
     vc = NS(model_config=NS(model=str(mdir), revision=None, dtype="bfloat16", quantization=None,
                             hf_config=NS(to_dict=lambda: {"hidden_size": 256}), get_head_size=lambda: 64),
             cache_config=NS(cache_dtype="auto", prefix_caching_hash_algo="sha256"),
@@ -338,6 +341,7 @@ def test_namespace_separates_formats_models_and_shards(tmp_path):
     base = namespace_string(*_fake_configs(tmp_path))
     assert base == namespace_string(*_fake_configs(tmp_path))  # deterministic
     assert base == namespace_string(*_fake_configs(tmp_path, staging=64))  # staging slots: not a page format
+    assert base == namespace_string(*_fake_configs(tmp_path, workspace=4096))  # nor the prefill workspace
     for kw in ({"preset": "tq3"}, {"seed": 1}, {"block": 32}, {"tp": 2}, {"weights": b"v" * 10}, {"layers": 3}):
         assert namespace_string(*_fake_configs(tmp_path, **kw)) != base, kw
     assert namespace_string(*_fake_configs(tmp_path), model_tag="v2") != base

@@ -68,7 +68,7 @@ def tq_layout_fingerprint(vllm_config, head_dim: int, block_size: int) -> str | 
     tq = add.get("tq_vllm") if isinstance(add, dict) else None
     if not isinstance(tq, dict):
         return None
-    opts = {k: v for k, v in tq.items() if k != "staging_slots"}
+    opts = {k: v for k, v in tq.items() if k not in ("staging_slots", "prefill_workspace_tokens")}  # no page bytes
     fps = []
     for name in (tq.get("preset", "tq4"), tq.get("boundary_preset") if tq.get("boundary_layers") else None):
         if not name or name == "bf16":
