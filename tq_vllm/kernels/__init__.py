@@ -155,9 +155,8 @@ class KernelMeta:
         key = (int(ws_blocks), str(device))
         if key not in self._prefill:
             if self.host_rows is None:
-                qsl = plan.query_start_loc.detach().to("cpu", torch.int64)
-                self.host_rows = (qsl, plan.seq_lens.detach().to("cpu", torch.int64),
-                                  plan.seq_lens.detach().to("cpu", torch.int64) - (qsl[1:] - qsl[:-1]))
+                self.host_rows = tuple(t.detach().to("cpu", torch.int64)
+                                       for t in (plan.query_start_loc, plan.seq_lens, plan.ctx_lens))
             qsl, seq, ctx = (torch.as_tensor(x).numpy() for x in self.host_rows)
             pp = plan_prefill(qsl, seq, ctx, range(self.num_decode_rows, plan.num_rows), plan.block_size,
                               ws_blocks)

@@ -107,10 +107,9 @@ def plan_prefill(qsl, seq, ctx, rows, B: int, ws_blocks: int, group: int | None 
     seq = np.asarray(seq, dtype=np.int64)
     ctx = np.asarray(ctx, dtype=np.int64)
     WB = int(ws_blocks)
-    GQ = max(1, int(group) if group else WB // 4)
     if WB < 2:
         raise ValueError(f"prefill workspace of {WB} blocks is too small (need >= 2)")
-    GQ = min(GQ, WB - 1)
+    GQ = min(max(1, int(group) if group else WB // 4), WB - 1)
     units = []  # (row, seg slice arrays) per query group
     for r in rows:
         c, L = int(ctx[r]), int(seq[r])
@@ -174,14 +173,13 @@ def _make_pass(items, qsl, ctx, B, causal: bool, group: int, first: bool) -> Pre
         dbase = nxt
         nxt += nd
         cols = np.clip(np.minimum(b, hi) - lo, 0, None)  # dequantized columns per segment
+        col = np.arange(max(1, int(cols.max()) + int(exact)))[None, :]
+        bt = np.where(col < cols[:, None], dbase + col, 0)  # unused entries point at block 0 of the pass
         if exact:
             ex = np.arange(nxt, nxt + len(b))
             nxt += len(b)
             n_ex = qe - b * B  # exact keys of block b up to the segment's last query
             seg_k.append(cols * B + n_ex)
-            width = int(cols.max()) + 1
-            col = np.arange(width)[None, :]
-            bt = np.where(col < cols[:, None], dbase + col, 0)  # unused entries point at block 0 of the pass
             bt[np.arange(len(b)), cols] = ex
             # exact tokens: positions b0*B .. L-1 (block by block); from staging below ctx, from the input above
             p = np.arange(int(b[0]) * B, int(qe[-1]))
@@ -195,9 +193,6 @@ def _make_pass(items, qsl, ctx, B, causal: bool, group: int, first: bool) -> Pre
             in_dst.append(dst[~old])
         else:
             seg_k.append(cols * B)
-            width = max(1, int(cols.max()))
-            col = np.arange(width)[None, :]
-            bt = np.where(col < cols[:, None], dbase + col, 0)
         bt_rows.append(bt)
         seg_len.append(qe - qa)
         a, e = qs + int(qa[0]) - c, qs + int(qe[-1]) - c
@@ -280,7 +275,6 @@ def flash_attn_fn():
                                               max_seqlen_k=max_k, seqused_k=seqused_k, softmax_scale=scale,
                                               causal=causal, block_table=bt, return_softmax_lse=True, out=out,
                                               fa_version=ver)
-            fn.fa_version = ver
     except Exception:  # noqa: BLE001 - no CUDA build of vLLM's FlashAttention: the Triton prefill kernel is used
         fn = None
     _FA["fn"] = fn
