@@ -190,6 +190,21 @@ def test_forward_step_matches_reference(preset, D, B, H, G, dtype):
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed(preset, D, B, G))
 
 
+@pytest.mark.parametrize("preset,D,B,H,G,dtype", [("tq4", 64, 16, 2, 4, torch.bfloat16),
+                                                 ("tq4", 96, 32, 1, 7, torch.float16),
+                                                 ("tq35", 128, 16, 1, 8, torch.bfloat16)])
+def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, monkeypatch):
+    """4-bit grid codes through the asm's path (fp16 GRID_BASE + u, offset and delta removed after the dots), with
+    the asm's values gathered from a table (TQ_VLLM_LUT=emulate; the asm itself: test_kernels_lut.py and the GPU
+    tests): decode splits and the fused prefill equal the reference."""
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    codec = LayerCodec(preset, D, B)
+    modes = K._lut_modes(codec, torch.device(DEV), 2, 2)  # 4-bit planes are read with 2 lattices
+    assert modes["KMODE"] == 1 and modes["VMODE"] == (1 if codec.layout.v_bits == 4 else 0), modes
+    assert modes["KDEL"] != 1.0
+    _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
+
+
 def test_head_dim_256_and_long_decode():
     sched = [[(0, 70)], [(0, 1)], [(0, 1)], [(0, 30), (1, 3)]]
     _run_schedule("tq3", 256, 16, 1, 1, torch.bfloat16, sched, seed=5)

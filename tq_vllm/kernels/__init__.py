@@ -499,15 +499,21 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
 
 def _lut_modes(codec, device, RK, RV):
     """Decode path of K and V codes: prmt look-ups in inline PTX on CUDA (TQ_VLLM_LUT=gather turns them off)."""
-    if device.type != "cuda" or _interp() or os.environ.get("TQ_VLLM_LUT", "asm") != "asm":
+    lut = os.environ.get("TQ_VLLM_LUT", "asm")
+    if lut not in ("asm", "gather", "emulate"):
+        raise ValueError(f"TQ_VLLM_LUT={lut!r}: choose asm, gather or emulate")
+    # emulate (tests, the CPU interpreter): grid codes take the asm's path with a table gather in place of the asm
+    if lut == "gather" or (lut == "asm" and (device.type != "cuda" or _interp())):
         return dict(KMODE=0, KASM="", VMODE=0, VASM="")
     cache = codec.__dict__.setdefault("_tq_lut_modes", {})
-    key = (RK, RV)
+    key = (RK, RV, lut)
     if key not in cache:
         from .lut import asm_for
-        km, ka = asm_for(codec.layout.k_bits, RK, codec.centroids["k"])
-        vm, va = asm_for(codec.layout.v_bits, RV, codec.centroids["v"])
-        cache[key] = dict(KMODE=km, KASM=ka, VMODE=vm, VASM=va)
+        km, ka, kd = asm_for(codec.layout.k_bits, RK, codec.centroids["k"])
+        vm, va, vd = asm_for(codec.layout.v_bits, RV, codec.centroids["v"])
+        if lut == "emulate":
+            km, ka, vm, va = (km if km == 1 else 0), "", (vm if vm == 1 else 0), ""
+        cache[key] = dict(KMODE=km, KASM=ka, VMODE=vm, VASM=va, KDEL=kd, VDEL=vd)
     return cache[key]
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+GOFF: tl.constexpr = tl.constexpr(1087.5)  # lut.GRID_OFFSET: fp16 of a grid code = GOFF + (u - 63.5)
 
 
 @triton.jit
@@ -50,11 +51,17 @@ def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: t
              O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
              ASM: tl.constexpr, mr=None, XP: tl.constexpr = 0, TDIM: tl.constexpr = 1):
     """fp16 centroids of all R lattices of a code tensor (rows base/tok, columns t): up to 4 [N, XP] tensors.
-    MODE 1/2: prmt look-ups in inline PTX (lut.py), one load per plane; MODE 0: table gathers (any bits)."""
+    MODE 1: 4-bit grid codes as GRID_BASE + u (the caller removes the offset and scales by delta); MODE 2: 2/3-bit
+    centroids; both by prmt look-ups in inline PTX (lut.py), one load per plane. MODE 0: table gathers (any bits)."""
     if MODE == 1:  # 4-bit codes, R == 2
         b = tl.load(ptr + (base + O0 + tok * (D // 2) + t), mask=m2, other=0)
-        c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=4)
+        if ASM == "":  # TQ_VLLM_LUT=emulate: the asm's output values (GRID_BASE + u) from the table's tail
+            bi = b.to(tl.int32) & 255
+            c0 = tl.load(C16 + 16 + (bi & 15))
+            c1 = tl.load(C16 + 16 + (bi >> 4))
+        else:
+            c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
         c2 = c0
         c3 = c1
     elif MODE == 2:  # 2/3-bit codes, R == 4
@@ -265,7 +272,7 @@ def _tq_attn_kernel(
     FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
-    H1J: tl.constexpr = 1,
+    H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -344,6 +351,9 @@ def _tq_attn_kernel(
         if RK > 2:
             qT2 = tl.trans((q_2 / qsc[:, None]).to(tl.float16))
             qT3 = tl.trans((q_3 / qsc[:, None]).to(tl.float16))
+        if KMODE == 1:
+            # grid codes decode to GOFF + (u - 63.5): remove GOFF·Σq once per column (qT is exact fp16)
+            kcorr = (tl.sum(qT0.to(tl.float32), axis=0) + tl.sum(qT1.to(tl.float32), axis=0)) * GOFF
         if PROD:
             u_0 = _qrot(Q, qoff, mvalid, SPI, RK, 0, D, XK, M, DC, False, INTERP)
             umax = tl.max(tl.abs(u_0), axis=1)
@@ -405,6 +415,8 @@ def _tq_attn_kernel(
             if RK > 2:
                 x += tl.dot(k2_, qT2)
                 x += tl.dot(k3_, qT3)
+            if KMODE == 1:
+                x = (x - kcorr[None, :]) * KDEL
             sc = x * ks[:, None]
             if KC:
                 n0_, n1_, n2_, n3_ = _dec_raw(kb0, kb1, kb2, tK, CKM, RK, KMW0, KMW1, KMW2)
@@ -455,12 +467,17 @@ def _tq_attn_kernel(
             mT = rvalid[None, :] & tVmT
             v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
                                           VMODE, VASM, rvalid[None, :], XV * H1J, 0)
-            acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vmx
-            if RV > 1:
-                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vmx
-            if RV > 2:
-                acc2 = acc2 * alpha[None, :] + tl.dot(v2_, pv) * vmx
-                acc3 = acc3 * alpha[None, :] + tl.dot(v3_, pv) * vmx
+            if VMODE == 1:  # grid codes (R == 2): remove GOFF·Σpv, with the fp16 pv the dots see
+                vcs = tl.sum(pv.to(tl.float32), axis=0) * GOFF
+                acc0 = acc0 * alpha[None, :] + (tl.dot(v0_, pv) - vcs[None, :]) * (vmx * VDEL)
+                acc1 = acc1 * alpha[None, :] + (tl.dot(v1_, pv) - vcs[None, :]) * (vmx * VDEL)
+            else:
+                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vmx
+                if RV > 1:
+                    acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vmx
+                if RV > 2:
+                    acc2 = acc2 * alpha[None, :] + tl.dot(v2_, pv) * vmx
+                    acc3 = acc3 * alpha[None, :] + tl.dot(v3_, pv) * vmx
             if VC:
                 m0_, m1_, m2_, m3_ = _dec_raw(vb0, vb1, vb2, tVT, CVM, RV, VMW0, VMW1, VMW2)  # [XV, TP]
                 acc0 += tl.dot(tl.reshape(tl.broadcast_to(m0_[:, :, None], [XV, TP, BPS]), [XV, NR]), pm) * vmm

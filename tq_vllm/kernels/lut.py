@@ -4,9 +4,13 @@ A `prmt.b32 d, a, b, c` picks, for each of the 4 bytes of d, one of the 8 bytes 
 nibble of c. With the low and the high bytes of up to 8 fp16 centroids held in two register pairs, two prmt give
 the low and high bytes of 4 decoded values, and two more interleave them into 2 fp16x2 registers.
 
-* 4-bit codes (2 per byte, lattices R=2): the Lloyd–Max codebook is symmetric (c[15-k] = -c[k]), so the 8
-  magnitudes c[8..15] form the table; the magnitude index is (k&7) ^ (k<8 ? 7 : 0) and the sign is bit 3.
-  Input: 4 bytes; outputs: the low-nibble values (lattice 0) and the high-nibble values (lattice 1).
+* 4-bit codes (2 per byte, lattices R=2) on the page grid (quant/codebook.py: c = delta·(u − 63.5), u < 128): the
+  asm returns the fp16 number 1024 + u, whose bits are 0x64 (high byte) and u (low byte), so one prmt per output
+  register builds it; the kernel subtracts 1087.5 · Σq (keys) or 1087.5 · Σp (values) from the dot product and
+  multiplies by delta. u comes from two 8-entry byte tables, codes 0-7 and 8-15: a code's bit 3 puts prmt into
+  sign-replicate mode for the other table, which then yields 0x00 (every u has bit 7 clear), so an OR merges them.
+  13 instructions per 8 codes (the earlier fp16 look-up took 24). Input: 4 bytes; outputs: the low-nibble values
+  (lattice 0) and the high-nibble values (lattice 1).
 * 2- and 3-bit codes (lattices R=4): a 2-bit plane byte holds elements 4t..4t+3 (low bits), the caller passes the
   matching nibble of the 1-bit plane (high bits; 0 for 2-bit codes). The 8 (or 4) centroids form the table.
   Inputs: 4 + 4 bytes; outputs: lattices 0..3.
@@ -29,43 +33,34 @@ def _word(bs: list[int]) -> str:
     return "0x%08x" % (bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24)
 
 
+GRID_BASE = 1024.0  # fp16 0x6400
+GRID_OFFSET = GRID_BASE + 63.5  # decoded fp16 = GRID_OFFSET + (u - 63.5): subtract GRID_OFFSET · Σ, times delta
+
+
 @functools.lru_cache(maxsize=None)
-def asm_4bit(centroids: tuple) -> str:
-    c = list(centroids)
-    assert len(c) == 16
-    mag = _fp16_bits(c[8:])
-    lo = [m & 0xFF for m in mag]
-    hi = [m >> 8 for m in mag]
+def asm_4bit(u: tuple) -> str:
+    """4-bit grid codes -> fp16(1024 + u[code]); `u` the 16 grid integers of the codebook (all < 128)."""
+    assert len(u) == 16 and all(0 <= x < 128 for x in u)
     return f"""{{
-.reg .b32 tqneg, tqz, tqs3, tqm7, tqmi, tqc2, tql0, tqh0, tql1, tqh1, tqsg, tqtl0, tqtl1, tqth0, tqth1;
-mov.b32 tqtl0, {_word(lo[:4])};
-mov.b32 tqtl1, {_word(lo[4:])};
-mov.b32 tqth0, {_word(hi[:4])};
-mov.b32 tqth1, {_word(hi[4:])};
-not.b32 tqneg, $4;
-and.b32 tqneg, tqneg, 0x88888888;
-shl.b32 tqz, tqneg, 4;
-shr.u32 tqs3, $4, 3;
-and.b32 tqs3, tqs3, 0x11111111;
-mul.lo.u32 tqm7, tqs3, 7;
-xor.b32 tqmi, $4, tqm7;
-xor.b32 tqmi, tqmi, 0x77777777;
-and.b32 tqmi, tqmi, 0x77777777;
-shr.u32 tqc2, tqmi, 16;
-prmt.b32 tql0, tqtl0, tqtl1, tqmi;
-prmt.b32 tqh0, tqth0, tqth1, tqmi;
-prmt.b32 tqsg, tqz, tqneg, 0x5140;
-and.b32 tqsg, tqsg, 0x80808080;
-or.b32 tqh0, tqh0, tqsg;
-prmt.b32 $0, tql0, tqh0, 0x6240;
-prmt.b32 $2, tql0, tqh0, 0x7351;
-prmt.b32 tql1, tqtl0, tqtl1, tqc2;
-prmt.b32 tqh1, tqth0, tqth1, tqc2;
-prmt.b32 tqsg, tqz, tqneg, 0x7362;
-and.b32 tqsg, tqsg, 0x80808080;
-or.b32 tqh1, tqh1, tqsg;
-prmt.b32 $1, tql1, tqh1, 0x6240;
-prmt.b32 $3, tql1, tqh1, 0x7351;
+.reg .b32 tqta0, tqta1, tqtb0, tqtb1, tqc, tqw, tqs, tqa, tqb, tqx, tqy;
+mov.b32 tqta0, {_word(list(u[0:4]))};
+mov.b32 tqta1, {_word(list(u[4:8]))};
+mov.b32 tqtb0, {_word(list(u[8:12]))};
+mov.b32 tqtb1, {_word(list(u[12:16]))};
+mov.b32 tqc, 0x64646464;
+xor.b32 tqw, $4, 0x88888888;
+prmt.b32 tqa, tqta0, tqta1, $4;
+prmt.b32 tqb, tqtb0, tqtb1, tqw;
+or.b32 tqx, tqa, tqb;
+shr.u32 tqs, $4, 16;
+shr.u32 tqw, tqw, 16;
+prmt.b32 tqa, tqta0, tqta1, tqs;
+prmt.b32 tqb, tqtb0, tqtb1, tqw;
+or.b32 tqy, tqa, tqb;
+prmt.b32 $0, tqx, tqc, 0x4240;
+prmt.b32 $2, tqx, tqc, 0x4341;
+prmt.b32 $1, tqy, tqc, 0x4240;
+prmt.b32 $3, tqy, tqc, 0x4341;
 }}"""
 
 
@@ -88,23 +83,27 @@ def asm_lt4bit(centroids: tuple) -> str:
     return "{\n" + "\n".join(body) + "\n}"
 
 
-def asm_for(codes_bits: int, lattices: int, centroids: torch.Tensor) -> tuple[int, str]:
-    """(mode, asm) for decoding codes of `codes_bits` read with `lattices` sub-lattices; mode 0 = no asm."""
+def asm_for(codes_bits: int, lattices: int, centroids: torch.Tensor) -> tuple[int, str, float]:
+    """(mode, asm, delta) for decoding codes of `codes_bits` read with `lattices` sub-lattices; mode 0 = no asm.
+    Mode 1 (4-bit grid codes) decodes to GRID_OFFSET + (u - 63.5): the kernel corrects with GRID_OFFSET and delta."""
+    from tq_vllm.quant.codebook import grid_of
     c = tuple(float(x) for x in centroids.detach().cpu().tolist())
     if codes_bits == 4 and lattices == 2:
-        cc = np.asarray(c)
-        if np.allclose(cc[::-1], -cc, rtol=0, atol=1e-7):
-            return 1, asm_4bit(c)
+        g = grid_of(c)
+        if g is not None:
+            return 1, asm_4bit(tuple(g[1])), g[0]
     if codes_bits in (2, 3) and lattices == 4:
-        return 2, asm_lt4bit(c)
-    return 0, ""
+        return 2, asm_lt4bit(c), 1.0
+    return 0, "", 1.0
 
 
 def emulate(mode: int, centroids: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
     """Torch model of the asm (element-wise semantics), for tests on machines without a GPU."""
     c = centroids.to(torch.float16)
     if mode == 1:
+        from tq_vllm.quant.codebook import grid_of
+        u = torch.tensor(grid_of(centroids.tolist())[1], dtype=torch.float32) + GRID_BASE
         b = inputs[0].to(torch.int64)
-        return [c[b & 15], c[b >> 4]]
+        return [u[b & 15].to(torch.float16), u[b >> 4].to(torch.float16)]
     p0, hh = (x.to(torch.int64) for x in inputs)
     return [c[((p0 >> (2 * r)) & 3) | (((hh >> r) & 1) << 2)] for r in range(4)]

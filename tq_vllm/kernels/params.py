@@ -126,10 +126,15 @@ class DeviceTables:
         from tq_vllm.quant.codec import _sink_coeffs
         self.sink_coef = _sink_coeffs(2 * D, device).contiguous()  # [4, 2D] int64, as codec.sink_tags
         self.c32, self.c16, self.bnd = {}, {}, {}
+        from tq_vllm.quant.codebook import grid_of
+        from .lut import GRID_BASE
         for kind in ("k", "v", "k_mean", "v_mean"):
             c = codec.centroids[kind].to(**f32).contiguous()
             self.c32[kind] = c
-            self.c16[kind] = c.to(torch.float16)
+            # fp16 centroids; for grid codebooks followed by the asm's decoded values GRID_BASE + u (TQ_VLLM_LUT=emulate)
+            g = grid_of(c.tolist()) if kind in ("k", "v") else None
+            tail = [torch.tensor(g[1], dtype=torch.float32, device=device) + GRID_BASE] if g else []
+            self.c16[kind] = torch.cat([c] + tail).to(torch.float16).contiguous()
             self.bnd[kind] = codec.bounds[kind].to(**f32).contiguous()
 
 

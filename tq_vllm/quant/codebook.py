@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+GRID_LEVELS = 128  # page codebooks of <= 4 bits: Lloyd–Max centroids rounded to delta * (u - 63.5), u in [0, 127]
+GRID_MID = (GRID_LEVELS - 1) / 2
 _GRID = 1 << 20  # points of the integration grid on [-1, 1]
 _TOL = 1e-12  # largest centroid move in units of the coordinate std 1/sqrt(d)
 
@@ -97,3 +99,97 @@ def expected_mse(dim: int, bits: int) -> float:
     f = np.diff(F, prepend=0.0)
     idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(c) - 1)
     return float(np.sum(f * (t - c[idx]) ** 2) * dim)
+
+
+# -- the page codebooks ----------------------------------------------------------------------------------------
+# K and V codes of <= 4 bits use the Lloyd–Max centroids rounded to a symmetric 128-level grid: c = delta·(u − 63.5)
+# with an integer u in [0, 127]. The decode kernels then turn a code into fp16 with byte permutes alone: the fp16 with
+# high byte 0x64 and low byte u is exactly 1024 + u, and the offset and delta are applied once per dot product
+# (kernels/lut.py). Rounding moves a centroid by at most delta/2 (1/127 of the widest one); the mean squared error
+# grows by about 1 % at 4 bits (tests/test_quant.py bounds it).
+
+
+@functools.lru_cache(maxsize=None)
+def _moments(dim: int):
+    """t, F, G and the cumulative second moment K(t) of f_dim (same normalisation as F)."""
+    t, F, G, _ = _tables(dim)
+    tm = 0.5 * (t[1:] + t[:-1])
+    K = np.concatenate([[0.0], np.cumsum(tm * tm * np.diff(F))])
+    return t, F, G, K
+
+
+def _cell_mse(dim: int, c: np.ndarray) -> float:
+    """E(t − c(t))² · dim for sorted centroids c with midpoint cells (cumulative moment tables, O(len(c)))."""
+    t, F, G, K = _moments(dim)
+    e = np.concatenate([[-1.0], 0.5 * (c[1:] + c[:-1]), [1.0]])
+    m0, m1, m2 = (np.diff(np.interp(e, t, T)) for T in (F, G, K))
+    return float(np.sum(m2 - 2 * c * m1 + c * c * m0) * dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_np(dim: int, bits: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Grid centroids, delta and u: the delta (>= widest centroid / 63.5) and the integer u of the upper half that
+    minimise the mean squared error (rounded Lloyd–Max, then coordinate descent by ±1 steps), mirrored below."""
+    c = _codebook_np(dim, bits)
+    n = len(c)
+
+    def full(delta, uh):
+        u = np.concatenate([(GRID_LEVELS - 1) - uh[::-1], uh])
+        return delta * (u - GRID_MID), u
+
+    best = None
+    for f in np.linspace(1.0, 1.15, 61):
+        delta = float(c[-1]) / GRID_MID * f
+        uh = np.minimum(np.rint(c[n // 2:] / delta + GRID_MID), GRID_LEVELS - 1).astype(np.int64)
+        m = _cell_mse(dim, full(delta, uh)[0])
+        improved = True
+        while improved:
+            improved = False
+            for i in range(len(uh)):
+                for step in (-1, 1):
+                    v = uh.copy()
+                    v[i] += step
+                    if not GRID_MID < v[i] <= GRID_LEVELS - 1 or np.any(np.diff(v) <= 0):
+                        continue
+                    mv = _cell_mse(dim, full(delta, v)[0])
+                    if mv < m - 1e-15:
+                        m, uh, improved = mv, v, True
+        if best is None or m < best[0] - 1e-15:
+            best = (m, delta, uh)
+    cg, u = full(best[1], best[2])
+    return cg, best[1], u
+
+
+def grid_codebook(dim: int, bits: int) -> torch.Tensor:
+    """Page centroids `[2**bits]` float32 for `bits` <= 4: the Lloyd–Max centroids on the 128-level grid."""
+    if bits > 4:
+        raise ValueError(f"grid codebooks exist for <= 4 bits, not {bits}")
+    return torch.from_numpy(_grid_np(dim, bits)[0].astype(np.float32))
+
+
+def grid_boundaries(dim: int, bits: int) -> torch.Tensor:
+    """Decision thresholds of `grid_codebook` (midpoints), float32."""
+    c = _grid_np(dim, bits)[0]
+    return torch.from_numpy((0.5 * (c[1:] + c[:-1])).astype(np.float32))
+
+
+def grid_of(centroids) -> tuple[float, list[int]] | None:
+    """`(delta, u)` when sorted, symmetric `centroids` lie on the 128-level grid (c = delta·(u − 63.5)), else None.
+    The widest centroid sits at u = 64 + k for the largest k that makes every u an integer."""
+    c = np.asarray([float(x) for x in centroids], dtype=np.float64)
+    if len(c) < 2 or c[-1] <= 0:
+        return None
+    for top in range(GRID_LEVELS - 1, int(GRID_MID), -1):
+        delta = c[-1] / (top - GRID_MID)
+        u = c / delta + GRID_MID
+        ui = np.rint(u)
+        if np.max(np.abs(u - ui)) < 1e-3 and ui.min() >= 0:
+            return float(delta), [int(x) for x in ui]
+    return None
+
+
+def page_codebook(dim: int, bits: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids, boundaries) of a page field: K/V codes of <= 4 bits on the grid, everything else Lloyd–Max."""
+    if kind in ("k", "v") and bits <= 4:
+        return grid_codebook(dim, bits), grid_boundaries(dim, bits)
+    return codebook(dim, bits), boundaries(dim, bits)

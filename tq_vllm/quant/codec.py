@@ -9,8 +9,7 @@ import math
 
 import torch
 
-from .codebook import boundaries as _boundaries
-from .codebook import codebook as _codebook
+from .codebook import page_codebook
 from .layout import PageLayout
 from .packing import pack, unpack
 from .presets import Preset, get_preset
@@ -117,9 +116,8 @@ class LayerCodec:
         self.qjl = qjl_matrix(D, self.seed).to(self.device) if self.preset.k_mode == "prod" else None
         self.centroids, self.bounds = {}, {}
         for kind in ("k", "v", "k_mean", "v_mean"):
-            b = self.layout.bits_of(kind)
-            self.centroids[kind] = _codebook(D, b).to(self.device)
-            self.bounds[kind] = _boundaries(D, b).to(self.device)
+            c, bnd = page_codebook(D, self.layout.bits_of(kind), kind)
+            self.centroids[kind], self.bounds[kind] = c.to(self.device), bnd.to(self.device)
 
     # -- rotation -----------------------------------------------------------------------------------------
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .packing import plane_widths
 from .presets import Preset, get_preset
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: K/V codebooks of <= 4 bits on the 128-level grid (codebook.page_codebook)
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 BF16 = 2
 
