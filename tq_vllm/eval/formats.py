@@ -34,6 +34,7 @@ import torch
 
 from tq_vllm.quant.codebook import boundaries as lm_boundaries
 from tq_vllm.quant.codebook import codebook as lm_codebook
+from tq_vllm.quant.codebook import page_codebook
 from tq_vllm.quant.codec import LayerCodec, bf16_round, encode_dir, robust_norm
 from tq_vllm.quant.layout import PageLayout
 from tq_vllm.quant.presets import PRESETS, Preset, get_preset
@@ -242,7 +243,7 @@ class EmuFormat(LayerFormat):
             s = ((hi - lo) / levels).clamp_min(1e-8)
             q = ((y - lo) / s + 0.5).floor().clamp(0, levels)
             return q * fp16_round(s) + fp16_round(lo)
-        c, b = lm_codebook(d, bits), lm_boundaries(d, bits)
+        c, b = page_codebook(d, bits, "k")  # the codec's K/V codebook (grid-rounded Lloyd–Max at <= 4 bits)
         if scale == "nc":
             codes, _ = encode_dir(y, c, b, "norm")
             cv = c[codes]
