@@ -498,7 +498,8 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
 
 
 def _lut_modes(codec, device, RK, RV):
-    """Decode path of K and V codes: prmt look-ups in inline PTX on CUDA (TQ_VLLM_LUT=gather turns them off)."""
+    """Decode path of K and V codes: prmt look-ups in inline PTX on CUDA (TQ_VLLM_LUT=gather turns them off;
+    TQ_VLLM_LUT=emulate runs the 4-bit asm's path with its values gathered from a table, also in the interpreter)."""
     lut = os.environ.get("TQ_VLLM_LUT", "asm")
     if lut not in ("asm", "gather", "emulate"):
         raise ValueError(f"TQ_VLLM_LUT={lut!r}: choose asm, gather or emulate")

@@ -28,8 +28,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .lut import GRID_OFFSET
+
 LOG2E = 1.4426950408889634
-GOFF: tl.constexpr = tl.constexpr(1087.5)  # lut.GRID_OFFSET: fp16 of a grid code = GOFF + (u - 63.5)
+GOFF: tl.constexpr = tl.constexpr(GRID_OFFSET)  # the 4-bit asm's fp16 of a grid code = GOFF + (u - 63.5)
 
 
 @triton.jit

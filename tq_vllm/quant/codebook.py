@@ -92,13 +92,7 @@ def boundaries(dim: int, bits: int) -> torch.Tensor:
 
 def expected_mse(dim: int, bits: int) -> float:
     """E(t - c(t))² per coordinate under f_dim, times dim = D_mse of a unit vector (paper's table)."""
-    t, F, _, _ = _tables(dim)
-    c = _codebook_np(dim, bits)
-    edges = np.concatenate([[-1.0], 0.5 * (c[1:] + c[:-1]), [1.0]])
-    # second moment table on demand (only used for reporting)
-    f = np.diff(F, prepend=0.0)
-    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(c) - 1)
-    return float(np.sum(f * (t - c[idx]) ** 2) * dim)
+    return _cell_mse(dim, _codebook_np(dim, bits))
 
 
 # -- the page codebooks ----------------------------------------------------------------------------------------
