@@ -77,6 +77,11 @@ def engine_kwargs(kv: str, args) -> dict:
         kw["block_size"] = args.block_size
     if args.enforce_eager:
         kw["enforce_eager"] = True
+    if getattr(args, "profile", None):
+        from vllm.config import ProfilerConfig
+        kw["profiler_config"] = ProfilerConfig(
+            profiler="torch", torch_profiler_dir=str(Path(args.profile).resolve() / kv), torch_profiler_with_stack=False,
+            torch_profiler_dump_cuda_time_total=False)
     if kv in TQ_PRESETS:
         kw.update(attention_backend="CUSTOM", additional_config={"tq_vllm": {"preset": kv}})
     elif kv != "auto":
@@ -91,8 +96,9 @@ def _tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(1000, 120000) for _ in range(n)]
 
 
-def _run_batch(llm, prompts: list[list[int]], max_tokens: int):
-    """Submit all requests at once and step the engine; returns (wall_s, per-step records, request outputs)."""
+def _run_batch(llm, prompts: list[list[int]], max_tokens: int, on_step=None):
+    """Submit all requests at once and step the engine; returns (wall_s, per-step records, request outputs).
+    `on_step(decoding)` is called after every step with the number of requests that decoded in it."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -120,9 +126,57 @@ def _run_batch(llm, prompts: list[list[int]], max_tokens: int):
                 n_tok[o.request_id] += k
                 last[o.request_id] = now
         steps.append((now - prev, decoding))
+        if on_step is not None:
+            on_step(decoding)
+            now = time.perf_counter()
         prev = now
     wall = time.perf_counter() - t0
     return wall, steps, {r: t - t0 for r, t in first.items()}, {r: t - t0 for r, t in last.items()}, n_tok
+
+
+class _StepProfiler:
+    """Profiles `steps` engine steps once `warm` steps in a row had `want` decoding requests (vLLM's torch profiler
+    in the worker), then summarises the worker's trace (benchmarks/trace_summary.py) under `title`."""
+
+    def __init__(self, llm, kv: str, args, want: int, title: str, warm: int = 6, steps: int = 8):
+        self.llm, self.dir, self.want, self.title = llm, Path(args.profile).resolve() / kv, want, title
+        self.warm, self.steps, self.seen, self.state = warm, steps, 0, "wait"
+        self.summary = None
+
+    def __call__(self, decoding: int) -> None:
+        if self.state == "done":
+            return
+        self.seen = self.seen + 1 if decoding == self.want else 0
+        if self.state == "wait" and self.seen >= self.warm:
+            self.before = set(self.dir.glob("**/*.json*")) if self.dir.exists() else set()
+            self.llm.start_profile()
+            self.state, self.count = "on", 0
+        elif self.state == "on":
+            self.count += 1
+            if self.count >= self.steps or self.seen == 0:
+                self.llm.stop_profile()
+                self.state = "done"
+                self._summarize(self.count)
+
+    def _summarize(self, steps: int) -> None:
+        sys.path.insert(0, str(HERE))
+        import trace_summary as ts
+        new = []
+        for _ in range(120):  # the worker writes the trace after stop_profile returns
+            new = [p for p in (set(self.dir.glob("**/*.json*")) - self.before) if p.stat().st_size > 0]
+            if new:
+                time.sleep(2)
+                break
+            time.sleep(1)
+        for p in sorted(new):
+            s = ts.summarize(ts.load(str(p)), steps)
+            if "error" not in s:
+                ts.print_summary(s, f"{self.title} ({p.name})")
+                self.summary = s
+                (self.dir.parent / f"profile_{self.dir.name}_{self.title}.json").write_text(json.dumps(s, indent=1))
+                p.unlink()  # the raw trace is large; the summary stays
+                return
+        print(f"[profile] {self.title}: no trace with GPU events in {self.dir}", flush=True)
 
 
 def measure(kv: str, args) -> dict:
@@ -141,6 +195,11 @@ def measure(kv: str, args) -> dict:
            "num_gpu_blocks": int(cc.num_gpu_blocks), "engine_start_s": round(start_s, 1),
            "gpu_memory_utilization": args.gpu_memory_utilization,
            "model": "tiny Llama (script check)" if args.tiny else "Llama-3.1-8B shape, dummy weights"}
+    vc = llm.llm_engine.vllm_config
+    rec["cudagraph_mode"] = str(getattr(vc.compilation_config, "cudagraph_mode", ""))
+    rec["async_scheduling"] = bool(getattr(vc.scheduler_config, "async_scheduling", False))
+    if args.profile:
+        rec["profiled"] = True  # the profiler slows the profiled steps: not a result to quote
     n, plen, gen = args.batch, args.prompt_len, args.gen_len
     prompts = [_tokens(plen, 1000 + i) for i in range(n)]
     _run_batch(llm, [_tokens(256, 7)], 8)  # warm-up (compiled graphs are captured at start already)
@@ -150,7 +209,8 @@ def measure(kv: str, args) -> dict:
     rec["prefill_tok_s"] = round(n * plen / wall, 1)
 
     # the batch: total time, TPOT in the full batch
-    wall, steps, first, last, ntok = _run_batch(llm, prompts, gen)
+    prof = _StepProfiler(llm, kv, args, n, f"{n}x{plen // 1024}k") if args.profile else None
+    wall, steps, first, last, ntok = _run_batch(llm, prompts, gen, prof)
     full = [dt for dt, dec in steps if dec == n]
     rec[f"total_s_{n}x{plen // 1024}k"] = round(wall, 2)
     rec[f"tpot_ms_{n}x{plen // 1024}k"] = round(1000 * statistics.median(full), 2) if full else None
@@ -159,7 +219,8 @@ def measure(kv: str, args) -> dict:
     rec[f"tpot_ms_{n}x{plen // 1024}k_req_median"] = round(1000 * statistics.median(per_req), 2) if per_req else None
 
     if args.long_len:
-        wall, steps, first, last, ntok = _run_batch(llm, [_tokens(args.long_len, 99)], gen)
+        prof = _StepProfiler(llm, kv, args, 1, f"1x{args.long_len // 1024}k") if args.profile else None
+        wall, steps, first, last, ntok = _run_batch(llm, [_tokens(args.long_len, 99)], gen, prof)
         dec = [dt for dt, d in steps if d == 1]
         key = f"{args.long_len // 1024}k"
         rec[f"tpot_ms_{key}"] = round(1000 * statistics.median(dec), 2) if dec else None
@@ -200,6 +261,9 @@ def main(argv=None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8 x 1K prompts, 32 tokens, no long run (smoke test)")
     ap.add_argument("--print", action="store_true", help="print the table of --out and exit")
+    ap.add_argument("--profile", help="profile 8 decode steps of the full batch and of the long request into this "
+                    "directory (torch profiler in the worker; prints and writes a per-step summary; timings of "
+                    "profiled runs are not recorded as results)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the 8B shape (script check)")
     ap.add_argument("--per-kv-timeout", type=int, default=0, help="seconds per format (0: none)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one format in this process
@@ -229,6 +293,7 @@ def main(argv=None) -> int:
                    "--long-len", str(args.long_len), "--max-model-len", str(args.max_model_len),
                    "--max-num-seqs", str(args.max_num_seqs), "--block-size", str(args.block_size),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+            cmd += ["--profile", args.profile] if args.profile else []
             cmd += ["--enforce-eager"] * args.enforce_eager + ["--quick"] * args.quick + ["--tiny"] * args.tiny
             print(f"=== {kv}: {' '.join(cmd)}", flush=True)
             try:

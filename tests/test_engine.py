@@ -152,6 +152,22 @@ def test_prefix_caching_on_vs_off_identical(tq4_runs):
     _assert_same(tq4_runs["A"]["out"], tq4_runs["B"]["out"], "prefix caching on vs off")
 
 
+def test_device_slot_planner_identical(models, tq4_runs):
+    """Engine A with the staging slots planned by device tensor ops (`SlotTable`, the default on CUDA, where it
+    saves a device-to-host copy per step) instead of the host planner: the same tokens through prefix-cache hits,
+    chunked prefill and preemption. TQ_VLLM_SLOT_PLANNER=device refuses to fall back to the host planner."""
+    old = os.environ.get("TQ_VLLM_SLOT_PLANNER")
+    os.environ["TQ_VLLM_SLOT_PLANNER"] = "device"
+    try:
+        d = _run(models["gqa64"], lambda llm: _generate(llm, _prompts()), **ENGINES["A"])
+    finally:
+        if old is None:
+            os.environ.pop("TQ_VLLM_SLOT_PLANNER", None)
+        else:
+            os.environ["TQ_VLLM_SLOT_PLANNER"] = old
+    _assert_same(d["out"], tq4_runs["A"]["out"], "device vs host slot planner")
+
+
 def test_chunked_prefill_vs_not_identical(tq4_runs):
     """B (48-token chunks, cut mid-block) vs C (whole prompts): the same greedy tokens."""
     _assert_same(tq4_runs["B"]["out"], tq4_runs["C"]["out"], "chunked vs whole prefill")

@@ -163,3 +163,27 @@ def _gather_ids(bt: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, block_si
     ids = bt.gather(1, col.view(-1, 1).to(torch.int64)).view(-1).to(torch.int64)
     need = (pos % block_size != 0) & (seq > 0)
     return torch.where(need, ids, torch.full_like(ids, -1))
+
+
+def host_seq_lens(cam) -> torch.Tensor | None:
+    """Exact host seq_lens [R] (int64) without a device read, or None where vLLM gives none.
+
+    0.26 and 0.32 both fill `seq_lens_cpu_upper_bound`, exact outside async speculative decoding (the caller does not
+    ask then: a verification row's accepted length is only known on the device)."""
+    ub = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    if ub is None or not isinstance(ub, torch.Tensor) or ub.device.type != "cpu":
+        return None
+    R = int(cam.num_reqs)
+    if ub.shape[0] < R:
+        return None
+    return ub[:R].to(torch.int64)
+
+
+def layer_kv_blocks(layer) -> int | None:
+    """Number of blocks of a layer's bound KV cache tensor (dim 0), or None before allocation."""
+    kv = getattr(layer, "kv_cache", None)
+    if isinstance(kv, (list, tuple)):
+        kv = kv[0] if kv else None
+    if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.numel() > 0:
+        return int(kv.shape[0])
+    return None

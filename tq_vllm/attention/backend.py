@@ -16,6 +16,7 @@ Pieces (docs/backend.md has the full story):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -38,7 +39,8 @@ from tq_vllm.attention.capacity import Capacity, LayerCost, bytes_per_token
 from tq_vllm.config import EXACT, TQConfig, TQConfigError  # noqa: F401  (re-exported)
 from tq_vllm.quant.codec import LayerCodec, new_sink_table
 from tq_vllm.quant.layout import SUPPORTED_HEAD_DIMS
-from tq_vllm.quant.plan import StagingAllocator, StagingEvictedError, StepPlan, plan_rows
+from tq_vllm.quant.plan import (SlotTable, StagingAllocator, StagingEvictedError, StepPlan, completed_blocks,
+                                  plan_rows)
 from tq_vllm.quant.presets import PRESETS, Preset
 
 # under vLLM's logger tree: same format, level (VLLM_LOGGING_LEVEL) and process prefixes as vLLM's own lines
@@ -263,6 +265,14 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
                 impl.ensure_staging(self.block_size, self.num_slots + 1)
         self.graph_plans = (not self.on_cpu) and self.get_cudagraph_support(vllm_config, kv_cache_spec) != \
             AttentionCGSupport.NEVER
+        self.layer_names = list(layer_names)
+        mode = os.environ.get("TQ_VLLM_SLOT_PLANNER", "auto")
+        if mode not in ("auto", "device", "host"):
+            raise TQConfigError(f"tq_vllm: TQ_VLLM_SLOT_PLANNER={mode!r}: choose auto, device or host")
+        # staging slots planned on the device (no device -> host copy per step) on CUDA, or when asked for; the host
+        # planner where a step's exact lengths are only known on the device (speculative decoding)
+        self.device_slots = (mode == "device" or (mode == "auto" and not self.on_cpu)) and not self.spec_tokens
+        self.slot_table: SlotTable | None = None
         if not self.on_cpu:
             self._alloc_buffers()
         log_capacity_once(vllm_config)
@@ -282,8 +292,33 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> TQMetadata:
         return self._build(common_attn_metadata, self.scratch)
 
+    def _slot_table(self) -> SlotTable | None:
+        """The device slot table, made at the first build (the KV cache tensors exist by then); None if the
+        number of KV blocks is not known (the host planner is used then)."""
+        if self.slot_table is None and self.device_slots:
+            layers = bind_all_layers(self.vllm_config)
+            nb = next((n for n in (compat.layer_kv_blocks(layers.get(x)) for x in self.layer_names) if n), None)
+            if nb is None or self.num_slots >= (1 << SlotTable.SLOT_BITS):
+                self._no_device_slots(f"{nb} KV blocks, {self.num_slots} staging slots")
+                return None
+            self.slot_table = SlotTable(self.num_slots, nb, self.device)
+            logger.info("tq_vllm: staging slots planned on the device (%d slots, %d KV blocks)", self.num_slots, nb)
+        return self.slot_table
+
+    def _no_device_slots(self, why: str) -> None:
+        if os.environ.get("TQ_VLLM_SLOT_PLANNER") == "device":
+            raise TQConfigError(f"tq_vllm: TQ_VLLM_SLOT_PLANNER=device cannot be used here ({why}); unset it")
+        self.device_slots = False
+        logger.info("tq_vllm: staging slots planned on the host (%s)", why)
+
     def _build(self, cam: CommonAttentionMetadata, alloc: StagingAllocator) -> TQMetadata:
         B = self.block_size
+        seq_host = compat.host_seq_lens(cam) if self.device_slots else None
+        if self.device_slots and seq_host is None:
+            self._no_device_slots("vLLM gives no host seq_lens_cpu_upper_bound")
+        table = self._slot_table() if seq_host is not None else None
+        if table is not None:
+            return self._build_device_slots(cam, table, seq_host, capture=alloc is self.scratch)
         qsl, seq, ctx_ids, open_ids = compat.host_step_inputs(cam, B, device_path=not self.on_cpu)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
@@ -340,6 +375,59 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         host_rows = (qsl, seq, ctx) if nd < R else None
         return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
                           shadows=shadows, host_rows=host_rows, _keepalive=(host, hq))
+
+    def _build_device_slots(self, cam: CommonAttentionMetadata, table: SlotTable, seq: torch.Tensor,
+                            capture: bool) -> TQMetadata:
+        """The step plan with staging slots planned on the device (`SlotTable`): host data comes from vLLM's host
+        copies (query_start_loc_cpu, seq_lens_cpu_upper_bound), nothing is read back from the device."""
+        table.check()
+        B = self.block_size
+        R = int(cam.num_reqs)
+        qsl = cam.query_start_loc_cpu[:R + 1].to(torch.int64)
+        qlen = qsl[1:] - qsl[:-1]
+        ctx = seq - qlen
+        ctx_l, seq_l, ql = ctx.tolist(), seq.tolist(), qlen.tolist()
+        qr, qi = completed_blocks(ctx_l, seq_l, B)
+        nd = 0
+        while nd < R and ql[nd] == 1:
+            nd += 1
+        n_tok = int(cam.num_actual_tokens)
+        cs, os_ = table.plan(cam.query_start_loc[:R + 1], cam.seq_lens[:R], cam.block_table_tensor[:R], B,
+                             capture=capture)
+        table.record_error()
+        max_q = int(qlen.max()) if R else 0
+        if self.on_cpu:
+            i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+            plan = StepPlan(query_start_loc=qsl.to(torch.int32), seq_lens=seq.to(torch.int32),
+                            ctx_lens=ctx.to(torch.int32), ctx_slot=cs, open_slot=os_, qb_row=i32(qr),
+                            qb_idx=i32(qi), block_table=cam.block_table_tensor[:R], block_size=B,
+                            num_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=int(seq.max()) if R else 0)
+            return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping)
+        uniform_decode = R > 0 and max_q == 1 and int(qlen.min()) >= 0
+        if self.graph_plans and uniform_decode:
+            qr = qr + [-1] * (R - len(qr))
+            qi = qi + [-1] * (R - len(qi))
+            max_seq = self.max_model_len
+        else:
+            max_seq = int(seq.max()) if R else 0
+        b = self._bufs
+        host = _pinned(torch.tensor(ctx_l, dtype=torch.int32)) if R else None
+        hq = _pinned(torch.tensor([qr, qi], dtype=torch.int32).reshape(2, -1)) if qr else None
+        if R:
+            b["ctx_lens"][:R].copy_(host, non_blocking=True)
+            b["ctx_slot"][:R].copy_(cs)
+            b["open_slot"][:R].copy_(os_)
+        M = len(qr)
+        if hq is not None:
+            b["qb_row"][:M].copy_(hq[0], non_blocking=True)
+            b["qb_idx"][:M].copy_(hq[1], non_blocking=True)
+        plan = StepPlan(query_start_loc=cam.query_start_loc[:R + 1], seq_lens=cam.seq_lens[:R],
+                        ctx_lens=b["ctx_lens"][:R], ctx_slot=b["ctx_slot"][:R], open_slot=b["open_slot"][:R],
+                        qb_row=b["qb_row"][:M], qb_idx=b["qb_idx"][:M], block_table=cam.block_table_tensor[:R],
+                        block_size=B, num_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=max_seq)
+        host_rows = (qsl, seq, ctx) if nd < R else None
+        return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
+                          host_rows=host_rows, _keepalive=(host, hq))
 
     def _shadow_completed_blocks(self, alloc, qsl, ctx_l, seq_l, ctx_slots, ctx_ids) -> tuple:
         """Speculative decoding: a verification row (1 < q <= 1 + num_speculative_tokens) whose open block

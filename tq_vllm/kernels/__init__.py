@@ -36,7 +36,10 @@ __all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_atte
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
 PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "64"))  # score columns per prefill program (QT*GP)
 PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per page tile (prefill)
-STORE_ROWS = 64  # token rows per store program (several blocks when B < 64)
+# token rows per store program (several blocks when B < 32, sub-tiles when B > 32). With K and V in separate programs
+# and codes by boundary counting, a decode step's store (a few blocks per step: latency-bound) went from 57 to 15 us
+# and a 16K-token chunk from 837 to 290 us (H200, benchmarks/bench_store.py, 2026-11-26)
+STORE_ROWS = 32
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -244,9 +247,12 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     kw = store_constexprs(lay)
     DP = next_pow2(D)
     BP = next_pow2(B)
-    TS = min(BP, STORE_ROWS)
+    rows = int(os.environ.get("TQ_VLLM_STORE_ROWS", STORE_ROWS))
+    TS = min(BP, rows)
     NSUB = math.ceil(B / TS)
-    NBLK = max(1, STORE_ROWS // BP)
+    NBLK = max(1, rows // BP)
+    kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
+    cmp_codes = os.environ.get("TQ_VLLM_STORE_CMP", "1") == "1"  # codes <= 4 bits by counting boundaries
     mod = _kmod("store")
     for t in (key, value):
         assert t.stride(-1) == 1
@@ -254,13 +260,13 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     bt = plan.block_table
     pi16, pm1, rsd = tb.rot_for(key.dtype)
     skv, stag, nsink, sst, has_sink = _sink_args(sink, key.device, key.dtype)
-    _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK), H), (
+    _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK), H, 2 if kvsplit else 1), (
         key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot, plan.qb_row,
         plan.qb_idx, tb.rot, pi16, tb.qjl, tb.bnd["k"], tb.bnd["v"], tb.bnd["k_mean"], tb.bnd["v_mean"], tb.c32["k"],
         tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd, nsink,
-        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"],
+        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"], KVSPLIT=kvsplit, CMP=cmp_codes,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
         **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
 

@@ -78,7 +78,7 @@ def _all_finite(y):
 
 
 @triton.jit
-def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr):
+def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr):
     """encode_dir of rows y [T, DP] (pad columns 0): codes int32 [T, DP], bf16-rounded scale [T] fp32,
     and the centroid values c[codes] (0 in pad columns)."""
     nrm = _robust_norm(y)
@@ -87,10 +87,15 @@ def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr):
     u = y / tl.where(pos, nrm, 1.0)[:, None]
     u = tl.where(pos[:, None], u, 0.0)
     code = tl.zeros(y.shape, dtype=tl.int32)
-    for lev in tl.static_range(BITS):
-        cand = code + (1 << (BITS - 1 - lev))
-        thr = tl.load(BND + cand - 1)
-        code = tl.where(u > thr, cand, code)
+    if CMP and BITS <= 4:
+        # count the boundaries below u: scalar thresholds, no dependent gathers (the same codes as the search)
+        for i in tl.static_range((1 << BITS) - 1):
+            code += (u > tl.load(BND + i)).to(tl.int32)
+    else:
+        for lev in tl.static_range(BITS):
+            cand = code + (1 << (BITS - 1 - lev))
+            thr = tl.load(BND + cand - 1)
+            code = tl.where(u > thr, cand, code)
     c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     if NORM:
         s = nrm
@@ -145,7 +150,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 W2: tl.constexpr, SO: tl.constexpr,
                 CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
                 MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
-                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr):
+                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr):
     """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1).
     Per-row vectors [NBLK*TS]: qs, ctx, blk0 (first position of the row's block), tvalid0 (block valid),
     STG_ROW (staging slot pointer), PAGE_ROW (page base pointer); per block [NBLK]: PAGE_B, bval."""
@@ -163,8 +168,8 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
         else:
             # NBLK == 1: sum x over the block's sub-tiles, then rotate the sum (rotation commutes with the mean)
             ysum1 = tl.zeros([DP], dtype=tl.float32)
-            for c in tl.static_range(0, D, DC):
-                dd = c + tl.arange(0, DC)
+            for c1 in tl.static_range(0, D, DC):
+                dd = c1 + tl.arange(0, DC)
                 xs = tl.zeros([DC], dtype=tl.float32)
                 for sb in range(NSUB):
                     tok = sb * TS + ts
@@ -175,7 +180,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 ysum1 += tl.sum(pt * xs[:, None], axis=0)
             ysum = ysum1[None, :]
         mean = ysum / B  # [NBLK, DP]
-        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False)
+        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP)
         mhat = ms[:, None] * mc  # [NBLK, DP]
         _put_codes(PAGE_B, mcode, bsel * 0, bval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
         _put_bf16(PAGE_B, MSO, bsel * 0, ms, bval)
@@ -191,7 +196,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                             DC, NR, PM1, INTERP)
             if CENTER:
                 yy = yy - mhat
-        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM)
+        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP)
         _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2)
         _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
         if PROD:
@@ -229,10 +234,14 @@ def _tq_store_kernel(
     VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
     PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, NR: tl.constexpr, PADR: tl.constexpr,
     PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
+    KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False,
 ):
-    """Program (group of NBLK entries of the completed-block list, KV head); NR = NBLK*TS rows."""
+    """Program (group of NBLK entries of the completed-block list, KV head[, kind when KVSPLIT]); NR = NBLK*TS rows.
+    KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink fields and padding, 1 = V),
+    which halves the latency of a program (a decode step stores a few blocks: latency, not throughput)."""
     gi = tl.program_id(0)
     h = tl.program_id(1)
+    kind = tl.program_id(2)
     n = tl.arange(0, NR)
     e = gi * NBLK + n // TS  # qb entry of each row
     ein = e < num_qb
@@ -259,7 +268,7 @@ def _tq_store_kernel(
     bb = tl.load(QBI + eb, mask=bval, other=0)
     blkb = tl.load(BT + rb.to(tl.int64) * s_bt + bb, mask=bval, other=0).to(tl.int64)
     page_b = CACHE + (blkb * H + h) * PAGE
-    if SINK:
+    if SINK and kind == 0:
         # first block of a sequence: content tag of its exact token 0 (codec.sink_tags), 0 in other pages
         first = bval & (bb == 0)
         qsb = tl.load(QSL + rb, mask=bval, other=0)
@@ -299,13 +308,15 @@ def _tq_store_kernel(
             tl.store(sp, k0.to(SKV.dtype.element_ty), mask=m2)
             tl.store(sp + s_k1, v0.to(SKV.dtype.element_ty), mask=m2)
             tl.store(STAG + sl * H + h, tag, mask=first)
-    _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK, CK,
-                BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2, KW2, KSO,
-                KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO)
-    _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ,
-                BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1, VW1, VO2, VW2, VSO,
-                VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0)
-    if PAGE > USED:
+    if kind == 0:
+        _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
+                    CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
+                    KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP)
+    if kind == 1 or not KVSPLIT:
+        _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd,
+                    SQ, BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1,
+                    VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP)
+    if PAGE > USED and kind == 0:
         # zero padding of each block's head page (each row zeroes a slice)
         pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
         tl.store(page[:, None] + USED + pz, tl.zeros([NR, PADR], dtype=tl.uint8),
