@@ -220,12 +220,8 @@ def test_head_dim_256_and_long_decode():
     _run_schedule("tq3", 256, 16, 1, 1, torch.bfloat16, sched, seed=5)
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_decode_many_splits_and_unaligned_context(fused, monkeypatch):
-    """Decode rows with several split-K partials, contexts not multiples of B, empty splits for short rows; the
-    partials merged by the last split program (fused, the default) or by the reduce kernel. The fused merge leaves
-    its arrival counters at zero (CUDA-graph replays reuse them)."""
-    monkeypatch.setenv("TQ_VLLM_FUSED_REDUCE", fused)
+def test_decode_many_splits_and_unaligned_context():
+    """Decode rows with several split-K partials, contexts not multiples of B, empty splits for short rows."""
     D, B, H, G = 64, 16, 2, 4
     codec = LayerCodec("tq4", D, B, device=DEV)
     q, k, v = _seqs(3, 260, H, G, D, torch.bfloat16, seed=11)
@@ -239,14 +235,11 @@ def test_decode_many_splits_and_unaligned_context(fused, monkeypatch):
             meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=3), num_splits=nsplit)
             ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
             out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
-            K.LAST_KERNELS.pop("reduce", None)
             K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
                               sink=sink)
             exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
             assert not torch.isnan(out).any()
             assert _rel(out, exp) < 8e-3, nsplit
-            assert all(int(c.abs().sum()) == 0 for c in K._COUNTERS.values())
-            assert ("reduce" in K.LAST_KERNELS) == (fused == "0")  # the merge kernel runs only unfused
             return exp
 
         sim.step(op, [(0, 1), (1, 1), (2, 1)], q, k, v, scale)

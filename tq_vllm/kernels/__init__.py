@@ -271,22 +271,6 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
         **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
 
 
-_COUNTERS: dict = {}
-MAX_COUNTERS = 1 << 16
-
-
-def _split_counters(device, n: int):
-    """Zeroed int32 arrival counters of the decode splits, one per (row, KV head); each launch leaves them zero.
-    Allocated once per device (before any CUDA-graph capture: warm-up launches come first); None above
-    MAX_COUNTERS rows x heads (the separate reduce kernel runs then)."""
-    if n > MAX_COUNTERS:
-        return None
-    key = str(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def _subplan_blocks(plan, keep):
     import dataclasses
     return dataclasses.replace(plan, qb_row=plan.qb_row[keep], qb_idx=plan.qb_idx[keep])
@@ -371,17 +355,14 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         BP, BPS, TP, SUBT = _tile_cfg(B, meta.decode_tile)
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
-        cnt = _split_counters(query.device, nd * H) if os.environ.get("TQ_VLLM_FUSED_REDUCE", "1") == "1" else None
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
-            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, CNT=cnt, RED=cnt is not None, **_cfg("DECODE"),
-            **kw),
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("DECODE"), **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
-        if cnt is None:
-            _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
-                po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1), S + 1), dict(
-                H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
+        _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
+            po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1), S + 1), dict(
+            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:

@@ -275,7 +275,6 @@ def _tq_attn_kernel(
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0,
-    CNT=None, RED: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -615,65 +614,6 @@ def _tq_attn_kernel(
                 tl.store(po + RV * tv[:, None] + 3, acc3, mask=tvm[:, None])
         tl.store(PML + pidx * (2 * GP) + mm, m_i)
         tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
-        if RED:
-            # the last of the NSPLIT+1 programs of (row, head) to finish merges the partials (no reduce launch);
-            # the barrier puts every thread's partial stores before the counter's release, and the counter is
-            # reset for the next launch (CUDA-graph replays reuse it)
-            tl.debug_barrier()
-            cidx = i * H + h
-            done = tl.atomic_add(CNT + cidx, 1, sem="acq_rel")
-            if done == NSPLIT:
-                tl.atomic_xchg(CNT + cidx, 0)
-                _merge_splits(PO, PML, PI, OUT, ((i * H + h) * (NSPLIT + 1)).to(tl.int64),
-                              qs.to(tl.int64) * s_ot + h * G * s_oh, s_oh, NSPLIT + 1, G, GP, D, DP, 16, 4, ".cg")
-
-
-@triton.jit
-def _merge_splits(PO, PML, PI, OUT, pbase, obase, s_oh, NS1, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  DP: tl.constexpr, DC: tl.constexpr, SC: tl.constexpr, CM: tl.constexpr):
-    """Log-sum-exp merge of the NS1 partials at PO/PML + pbase of one (decode row, KV head), SC splits at a time:
-    partials 0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own
-    block) is already unrotated. Writes OUT + obase + g * s_oh [G, D]. CM: cache modifier of the partial loads."""
-    gg = tl.arange(0, GP)
-    dd = tl.arange(0, DP)
-    dm = dd < D
-    m = tl.full([GP], float("-inf"), tl.float32)
-    for s0 in range(0, NS1, SC):
-        sidx = s0 + tl.arange(0, SC)
-        m_s = tl.load(PML + (pbase + sidx[:, None]) * (2 * GP) + gg[None, :], mask=(sidx < NS1)[:, None],
-                      other=float("-inf"), cache_modifier=CM)
-        m = tl.maximum(m, tl.max(m_s, axis=0))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    lt = tl.zeros([GP], dtype=tl.float32)
-    for s0 in range(0, NS1, SC):
-        sidx = s0 + tl.arange(0, SC)
-        sv = (sidx < NS1)[:, None]
-        ml = PML + (pbase + sidx[:, None]) * (2 * GP) + gg[None, :]
-        m_s = tl.load(ml, mask=sv, other=float("-inf"), cache_modifier=CM)
-        l_s = tl.load(ml + GP, mask=sv, other=0.0, cache_modifier=CM)
-        lt += tl.sum(tl.where(sv, tl.exp2(m_s - m[None, :]) * l_s, 0.0), axis=0)
-    lt = tl.where(lt > 0, lt, 1.0)
-    m_x = tl.load(PML + (pbase + NS1 - 1) * (2 * GP) + gg, cache_modifier=CM)
-    w_x = tl.exp2(m_x - m)  # [GP] weight of the exact partial
-    out = tl.load(PO + ((pbase + NS1 - 1) * GP + gg[:, None]) * D + dd[None, :], mask=dm[None, :], other=0.0,
-                  cache_modifier=CM)
-    out = out * w_x[:, None]
-    for c in tl.static_range(0, D, DC):
-        dc = c + tl.arange(0, DC)
-        o = tl.zeros([GP, DC], dtype=tl.float32)
-        for s0 in range(0, NS1 - 1, SC):
-            sidx = s0 + tl.arange(0, SC)
-            sv = sidx < NS1 - 1
-            m_s = tl.load(PML + (pbase + sidx[:, None]) * (2 * GP) + gg[None, :], mask=sv[:, None],
-                          other=float("-inf"), cache_modifier=CM)
-            w = tl.where(sv[:, None], tl.exp2(m_s - m[None, :]), 0.0)  # [SC, GP]
-            po = PO + ((pbase + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
-            o += tl.sum(tl.load(po, mask=sv[:, None, None], other=0.0, cache_modifier=CM) * w[:, :, None], axis=0)
-        pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
-        out += tl.dot(o, pr, input_precision="ieee")
-    out = out / lt[:, None]
-    tl.store(OUT + obase + gg[:, None] * s_oh + dd[None, :], out.to(OUT.dtype.element_ty),
-             mask=(gg[:, None] < G) & dm[None, :])
 
 
 @triton.jit(do_not_specialize=["NS1"])
