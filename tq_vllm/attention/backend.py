@@ -392,8 +392,8 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         while nd < R and ql[nd] == 1:
             nd += 1
         n_tok = int(cam.num_actual_tokens)
-        cs, os_ = table.plan(cam.query_start_loc[:R + 1], cam.seq_lens[:R], cam.block_table_tensor[:R], B,
-                             capture=capture)
+        cs, os_ = ops.plan_slots(table, cam.query_start_loc[:R + 1], cam.seq_lens[:R], cam.block_table_tensor[:R],
+                                 B, capture=capture)
         table.record_error()
         max_q = int(qlen.max()) if R else 0
         if self.on_cpu:

@@ -47,6 +47,15 @@ def prepare_meta(plan, num_kv_heads: int, num_q_heads: int, num_decode_rows: int
     return k.prepare(plan, num_kv_heads, num_q_heads, num_decode_rows=num_decode_rows, host_rows=host_rows)
 
 
+def plan_slots(table, query_start_loc, seq_lens, block_table, block_size: int, capture: bool = False):
+    """The step's staging slots from the device slot table (`SlotTable`): the kernels' one-program planner on CUDA,
+    the torch planner otherwise."""
+    k, _ = _resolve()
+    if k is not None and hasattr(k, "plan_slots"):
+        return k.plan_slots(table, query_start_loc, seq_lens, block_table, block_size, capture=capture)
+    return table.plan(query_start_loc, seq_lens, block_table, block_size, capture=capture)
+
+
 def forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=None, sink=None, meta=None,
                  workspace=None):
     """store -> attention -> staging write of one layer and step (see docs/design.md). Returns the output

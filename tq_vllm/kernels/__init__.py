@@ -29,7 +29,7 @@ from tq_vllm.quant.plan import StepPlan
 
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
-__all__ = ["KernelMeta", "prepare", "store_blocks", "write_staging", "paged_attention", "forward_step",
+__all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "write_staging", "paged_attention", "forward_step",
            "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton", "DECODE_TILE",
            "PREFILL_ROWS"]
 
@@ -269,6 +269,36 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
         *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"], KVSPLIT=kvsplit, CMP=cmp_codes,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
         **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# staging-slot planning (device side of the step plan)
+# ------------------------------------------------------------------------------------------------------------
+def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+               block_size: int, capture: bool = False, force: str | None = None):
+    """`SlotTable.plan` (quant/plan.py) as one Triton program on CUDA: (ctx_slot [R], open_slot [R]) int32 for
+    query_start_loc [R+1], seq_lens [R], block_table [R, max_blocks]; no host sync."""
+    if not use_triton(table.slot_block, force):
+        return table.plan(query_start_loc, seq_lens, block_table, block_size, capture)
+    from tq_vllm.quant.plan import SlotTable
+    table.step += 1
+    R = seq_lens.shape[0]
+    dev = table.slot_block.device
+    cs = torch.empty(R, dtype=torch.int32, device=dev)
+    os_ = torch.empty(R, dtype=torch.int32, device=dev)
+    if R == 0:
+        return cs, os_
+    bt = block_table[:R]
+    if bt.shape[1] == 0:
+        bt = torch.zeros(R, 1, dtype=torch.int32, device=dev)
+    touch, keys, order = table.scratch
+    SP = touch.shape[0]
+    _launch("slots", _kmod("slots")._tq_plan_slots_kernel, (1,), (
+        query_start_loc, seq_lens, bt, bt.stride(0), bt.shape[1], table.slot_block, table.slot_stamp,
+        table.block_slot, table.err, touch, keys, order, cs, os_, R, table.step << 16), dict(
+        S=table.num_slots, NB=table.num_blocks, B=block_size, RP=max(16, next_pow2(R)), SP=SP, CH=min(16, SP),
+        CAPTURE=bool(capture), STAMP_BITS=SlotTable.STAMP_BITS, SLOT_BITS=SlotTable.SLOT_BITS, num_warps=4))
+    return cs, os_
 
 
 def _subplan_blocks(plan, keep):

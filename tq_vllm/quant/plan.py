@@ -195,6 +195,9 @@ class SlotTable:
         self.slot_stamp = torch.zeros(self.num_slots + 1, dtype=torch.int64, device=dev)
         self.block_slot = torch.full((self.num_blocks + 1,), -1, dtype=torch.int32, device=dev)
         self.err = torch.zeros(1, dtype=torch.int32, device=dev)
+        sp = 1 << max(0, (self.num_slots - 1).bit_length())
+        self.scratch = (torch.zeros(sp, dtype=torch.int32, device=dev), torch.zeros(sp, dtype=torch.int64, device=dev),
+                        torch.zeros(sp, dtype=torch.int32, device=dev))  # the Triton planner's TOUCH, KEYS, ORDER
         self.step = 0
         self._err_host = torch.zeros(1, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self._err_event = None
@@ -202,7 +205,8 @@ class SlotTable:
     def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
              block_size: int, capture: bool = False):
         """(ctx_slot [R], open_slot [R]) int32 on the device for the rows of query_start_loc [R+1], seq_lens [R],
-        block_table [R, max_blocks] (device tensors; no host sync)."""
+        block_table [R, max_blocks] (device tensors; no host sync). The torch implementation; `tq_vllm.kernels.
+        plan_slots` runs the same planning as one Triton program on CUDA."""
         self.step += 1
         return plan_slots_torch(self, query_start_loc, seq_lens, block_table, block_size, capture)
 
