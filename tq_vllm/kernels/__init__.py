@@ -293,10 +293,14 @@ def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
         bt = torch.zeros(R, 1, dtype=torch.int32, device=dev)
     touch, keys, order = table.scratch
     SP = touch.shape[0]
+    # rows < max_num_seqs < num_slots <= SP: one compile per table (a batch-size-dependent width compiled new
+    # variants while serving: +3 s in the 64 x 8K run)
+    if R > max(16, SP):
+        raise ValueError(f"plan_slots: {R} rows exceed the table's {table.num_slots} staging slots")
     _launch("slots", _kmod("slots")._tq_plan_slots_kernel, (1,), (
         query_start_loc, seq_lens, bt, bt.stride(0), bt.shape[1], table.slot_block, table.slot_stamp,
         table.block_slot, table.err, touch, keys, order, cs, os_, R, table.step << 16), dict(
-        S=table.num_slots, NB=table.num_blocks, B=block_size, RP=max(16, next_pow2(R)), SP=SP, CH=min(16, SP),
+        S=table.num_slots, NB=table.num_blocks, B=block_size, RP=max(16, SP), SP=SP, CH=min(16, SP),
         CAPTURE=bool(capture), STAMP_BITS=SlotTable.STAMP_BITS, SLOT_BITS=SlotTable.SLOT_BITS, num_warps=4))
     return cs, os_
 
