@@ -99,3 +99,31 @@ def test_jsonl_takes_the_last_json_object(tmp_path):
     empty = tmp_path / "empty.log"
     empty.write_text("Traceback ...\n")
     assert subprocess.run([sys.executable, str(DEV / "jsonl.py"), str(empty), str(out)]).returncode == 1
+
+
+def test_trace_summary_per_step_busy_idle_and_top_kernels():
+    """benchmarks/trace_summary.py on a synthetic trace: overlapping kernels count once, idle is the gap, per-step
+    numbers divide by the step count, kernels are ranked by time."""
+    import importlib.util
+    import random
+    spec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    rng = random.Random(3)
+    steps = rng.randint(2, 5)
+    ev, t, busy = [], 0.0, 0.0
+    for _ in range(steps):
+        a, b = rng.uniform(100, 300), rng.uniform(10, 50)
+        ev.append({"ph": "X", "cat": "kernel", "name": "attn", "ts": t, "dur": a})
+        ev.append({"ph": "X", "cat": "kernel", "name": "store", "ts": t + a / 2, "dur": a / 2 + b})  # overlaps
+        ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": t, "dur": 3.0})
+        busy += a + b
+        t += a + b + 40.0  # 40 us idle after each step
+    s = ts.summarize(ev, steps)
+    span = t - 40.0
+    assert abs(s["span_ms_per_step"] - span / 1000 / steps) < 1e-9
+    assert abs(s["gpu_busy_ms_per_step"] - busy / 1000 / steps) < 1e-9
+    assert abs(s["gpu_idle_ms_per_step"] - 40.0 * (steps - 1) / 1000 / steps) < 1e-9
+    assert [k["name"] for k in s["kernels"]] == ["[kernel] attn", "[kernel] store"]
+    assert s["kernels"][0]["count_per_step"] == 1.0 and s["runtime"][0]["count_per_step"] == 1.0
+    assert "error" in ts.summarize([{"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 1}], 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("decode", "e2e", "connector", "quality")
+BENCHES = ("decode", "store", "e2e", "connector", "quality")
 
 
 def _build_parser() -> argparse.ArgumentParser:
