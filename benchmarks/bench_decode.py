@@ -162,23 +162,11 @@ def vllm_tq_decode_case(name, R, ctx, B, dtype=torch.bfloat16):
 
 
 def store_case(preset, ntok, B, dtype=torch.bfloat16):
-    codec = LayerCodec(preset, D, B, device=DEV)
-    nblk = ntok // B
-    C = codec.layout.bytes_per_token
-    cache = torch.zeros(nblk + 1, HK, B, C, dtype=torch.uint8, device=DEV)
-    bt = torch.randperm(nblk + 1, device=DEV)[:nblk].view(1, nblk).to(torch.int32)
-    k = torch.randn(ntok, HK, D, device=DEV).to(dtype)
-    v = torch.randn(ntok, HK, D, device=DEV).to(dtype)
-    staging = torch.zeros(1, 2, B, HK, D, device=DEV, dtype=dtype)
-    i32 = dict(dtype=torch.int32, device=DEV)
-    plan = StepPlan(query_start_loc=torch.tensor([0, ntok], **i32), seq_lens=torch.tensor([ntok], **i32),
-                    ctx_lens=torch.tensor([0], **i32), ctx_slot=torch.tensor([-1], **i32),
-                    open_slot=torch.tensor([-1], **i32), qb_row=torch.zeros(nblk, **i32),
-                    qb_idx=torch.arange(nblk, **i32), block_table=bt, block_size=B, num_tokens=ntok,
-                    max_query_len=ntok, max_seq_len=ntok)
-    fn = lambda: K.store_blocks(codec, cache, staging, k, v, plan)  # noqa
-    nbytes = ntok * HK * D * 2 * 2 + nblk * HK * codec.layout.page_bytes
-    return fn, nbytes
+    """The store of one `ntok`-token prefill chunk: bench_store.py's chunk case at this attention shape."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_store
+    assert (bench_store.HK, bench_store.D) == (HK, D)
+    return bench_store.chunk_case(preset, ntok, B, dtype, DEV)
 
 
 def tq_prefill_case(preset, prefix, chunk, B, dtype=torch.bfloat16):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tq_vllm import kernels as K  # noqa: E402
 from tq_vllm.quant.codec import LayerCodec  # noqa: E402
 from tq_vllm.quant.plan import StepPlan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import _restore_env, _set_env, parse_variants  # noqa: E402
 
 HK, D = 8, 128
 
@@ -90,18 +92,6 @@ def bench(fn, reps=50):
     return st.elapsed_time(en) / reps
 
 
-def parse_variants(spec):
-    out = []
-    for item in filter(None, (x.strip() for x in spec.split(";"))):
-        name, _, kv = item.partition(":")
-        env = {}
-        for pair in filter(None, kv.split(" ")):
-            k, _, v = pair.partition("=")
-            env["TQ_VLLM_" + k] = v.replace("/", ",")
-        out.append((name, env))
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", nargs="+", default=["tq4"])
@@ -116,8 +106,7 @@ def main(argv=None) -> int:
              ("chunk 16K tokens", lambda p: chunk_case(p, 16384, a.block_size))]
     rows = []
     for name, env in parse_variants(a.variants):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        old = _set_env(env)
         for preset in a.preset:
             for cname, mk in cases:
                 try:
@@ -132,11 +121,7 @@ def main(argv=None) -> int:
                     row = dict(variant=name, preset=preset, case=cname, ms=None, error=repr(e)[:300])
                 print("store", json.dumps(row), flush=True)
                 rows.append(row)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(old)
     names = [c for c, _ in cases]
     print(f"{'variant':12s} {'preset':6s} " + " ".join(n[:26].rjust(27) for n in names))
     for name, _ in parse_variants(a.variants):

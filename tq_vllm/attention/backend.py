@@ -331,38 +331,51 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
             # a warm-up / dummy batch of vLLM (null block 0, no real request): plan it on the spare slot
             alloc = self.scratch
             cs, os_, qr, qi = plan_rows(ctx_l, seq_l, B, ctx_ids.tolist(), open_ids.tolist(), alloc)
-        R = len(seq_l)
-        n_tok = int(cam.num_actual_tokens)
         shadows = self._shadow_completed_blocks(alloc, qsl.tolist(), ctx_l, seq_l, cs, ctx_ids.tolist())
-        ql = qlen.tolist()
+        return self._metadata(cam, qsl, seq, ctx_l, qr, qi, cs, os_, shadows)
+
+    def _metadata(self, cam, qsl, seq, ctx_l, qr, qi, ctx_slot, open_slot, shadows=()) -> TQMetadata:
+        """The step's TQMetadata from host rows (qsl [R+1], seq [R] int64, ctx_l), the completed blocks (qr, qi)
+        and the staging slots: host lists (host planner) or device tensors [R] (device planner)."""
+        R = len(ctx_l)
+        ql = (qsl[1:] - qsl[:-1]).tolist()
         nd = 0
         while nd < R and ql[nd] == 1:
             nd += 1
-        if self.on_cpu:
-            i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-            plan = StepPlan(query_start_loc=qsl.to(torch.int32), seq_lens=seq.to(torch.int32),
-                            ctx_lens=ctx.to(torch.int32), ctx_slot=i32(cs), open_slot=i32(os_), qb_row=i32(qr),
-                            qb_idx=i32(qi), block_table=cam.block_table_tensor[:R], block_size=B,
-                            num_tokens=int(qsl[-1]), max_query_len=int(qlen.max()) if R else 0,
-                            max_seq_len=int(seq.max()) if R else 0)
-            return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
-                              shadows=shadows)
-        # CUDA: persistent buffers (FULL CUDA graphs replay them), filled by stream-ordered non-blocking copies
-        uniform_decode = R > 0 and int(qlen.max()) == 1 and int(qlen.min()) >= 0
-        if self.graph_plans and uniform_decode:
+        if not self.on_cpu:
+            return self._cuda_metadata(cam, qsl, seq, ctx_l, qr, qi, ctx_slot, open_slot, nd, shadows)
+        i32 = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        plan = StepPlan(query_start_loc=qsl.to(torch.int32), seq_lens=seq.to(torch.int32), ctx_lens=i32(ctx_l),
+                        ctx_slot=i32(ctx_slot), open_slot=i32(open_slot), qb_row=i32(qr), qb_idx=i32(qi),
+                        block_table=cam.block_table_tensor[:R], block_size=self.block_size,
+                        num_tokens=int(qsl[-1]), max_query_len=max(ql) if R else 0,
+                        max_seq_len=int(seq.max()) if R else 0)
+        return TQMetadata(num_actual_tokens=int(cam.num_actual_tokens), plan=plan, num_decode_rows=nd,
+                          slot_mapping=cam.slot_mapping, shadows=shadows)
+
+    def _cuda_metadata(self, cam, qsl, seq, ctx_l, qr, qi, ctx_slot, open_slot, nd, shadows=()) -> TQMetadata:
+        """The CUDA StepPlan in persistent buffers (FULL CUDA graphs replay them), filled by stream-ordered copies.
+        ctx_slot / open_slot: host lists (host planner) or device tensors [R] (device planner)."""
+        B = self.block_size
+        R = len(ctx_l)
+        qlen = qsl[1:] - qsl[:-1]
+        max_q = int(qlen.max()) if R else 0
+        if self.graph_plans and R > 0 and max_q == 1 and int(qlen.min()) >= 0:
             # graph-safe plan: qb arrays padded to R with -1 (kernels skip qb_row < 0); host ints are upper bounds
             qr = qr + [-1] * (R - len(qr))
             qi = qi + [-1] * (R - len(qi))
             max_seq = self.max_model_len
         else:
             max_seq = int(seq.max()) if R else 0
-        host = _pinned(torch.tensor([ctx_l, cs, os_], dtype=torch.int32)) if R else None
+        on_host = not isinstance(ctx_slot, torch.Tensor)
+        host = _pinned(torch.tensor([ctx_l, ctx_slot, open_slot] if on_host else [ctx_l], dtype=torch.int32)) \
+            if R else None
         hq = _pinned(torch.tensor([qr, qi], dtype=torch.int32).reshape(2, -1)) if qr else None
         b = self._bufs
         if host is not None:
             b["ctx_lens"][:R].copy_(host[0], non_blocking=True)
-            b["ctx_slot"][:R].copy_(host[1], non_blocking=True)
-            b["open_slot"][:R].copy_(host[2], non_blocking=True)
+            b["ctx_slot"][:R].copy_(host[1] if on_host else ctx_slot, non_blocking=True)
+            b["open_slot"][:R].copy_(host[2] if on_host else open_slot, non_blocking=True)
         M = len(qr)
         if hq is not None:
             b["qb_row"][:M].copy_(hq[0], non_blocking=True)
@@ -370,11 +383,11 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         plan = StepPlan(query_start_loc=cam.query_start_loc[:R + 1], seq_lens=cam.seq_lens[:R],
                         ctx_lens=b["ctx_lens"][:R], ctx_slot=b["ctx_slot"][:R], open_slot=b["open_slot"][:R],
                         qb_row=b["qb_row"][:M], qb_idx=b["qb_idx"][:M], block_table=cam.block_table_tensor[:R],
-                        block_size=B, num_tokens=int(qsl[-1]), max_query_len=int(qlen.max()) if R else 0,
-                        max_seq_len=max_seq)
-        host_rows = (qsl, seq, ctx) if nd < R else None
-        return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
-                          shadows=shadows, host_rows=host_rows, _keepalive=(host, hq))
+                        block_size=B, num_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=max_seq)
+        host_rows = (qsl, seq, seq - qlen) if nd < R else None
+        return TQMetadata(num_actual_tokens=int(cam.num_actual_tokens), plan=plan, num_decode_rows=nd,
+                          slot_mapping=cam.slot_mapping, shadows=shadows, host_rows=host_rows,
+                          _keepalive=(host, hq))
 
     def _build_device_slots(self, cam: CommonAttentionMetadata, table: SlotTable, seq: torch.Tensor,
                             capture: bool) -> TQMetadata:
@@ -386,48 +399,12 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         qsl = cam.query_start_loc_cpu[:R + 1].to(torch.int64)
         qlen = qsl[1:] - qsl[:-1]
         ctx = seq - qlen
-        ctx_l, seq_l, ql = ctx.tolist(), seq.tolist(), qlen.tolist()
-        qr, qi = completed_blocks(ctx_l, seq_l, B)
-        nd = 0
-        while nd < R and ql[nd] == 1:
-            nd += 1
-        n_tok = int(cam.num_actual_tokens)
+        ctx_l = ctx.tolist()
+        qr, qi = completed_blocks(ctx_l, seq.tolist(), B)
         cs, os_ = ops.plan_slots(table, cam.query_start_loc[:R + 1], cam.seq_lens[:R], cam.block_table_tensor[:R],
                                  B, capture=capture)
         table.record_error()
-        max_q = int(qlen.max()) if R else 0
-        if self.on_cpu:
-            i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-            plan = StepPlan(query_start_loc=qsl.to(torch.int32), seq_lens=seq.to(torch.int32),
-                            ctx_lens=ctx.to(torch.int32), ctx_slot=cs, open_slot=os_, qb_row=i32(qr),
-                            qb_idx=i32(qi), block_table=cam.block_table_tensor[:R], block_size=B,
-                            num_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=int(seq.max()) if R else 0)
-            return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping)
-        uniform_decode = R > 0 and max_q == 1 and int(qlen.min()) >= 0
-        if self.graph_plans and uniform_decode:
-            qr = qr + [-1] * (R - len(qr))
-            qi = qi + [-1] * (R - len(qi))
-            max_seq = self.max_model_len
-        else:
-            max_seq = int(seq.max()) if R else 0
-        b = self._bufs
-        host = _pinned(torch.tensor(ctx_l, dtype=torch.int32)) if R else None
-        hq = _pinned(torch.tensor([qr, qi], dtype=torch.int32).reshape(2, -1)) if qr else None
-        if R:
-            b["ctx_lens"][:R].copy_(host, non_blocking=True)
-            b["ctx_slot"][:R].copy_(cs)
-            b["open_slot"][:R].copy_(os_)
-        M = len(qr)
-        if hq is not None:
-            b["qb_row"][:M].copy_(hq[0], non_blocking=True)
-            b["qb_idx"][:M].copy_(hq[1], non_blocking=True)
-        plan = StepPlan(query_start_loc=cam.query_start_loc[:R + 1], seq_lens=cam.seq_lens[:R],
-                        ctx_lens=b["ctx_lens"][:R], ctx_slot=b["ctx_slot"][:R], open_slot=b["open_slot"][:R],
-                        qb_row=b["qb_row"][:M], qb_idx=b["qb_idx"][:M], block_table=cam.block_table_tensor[:R],
-                        block_size=B, num_tokens=int(qsl[-1]), max_query_len=max_q, max_seq_len=max_seq)
-        host_rows = (qsl, seq, ctx) if nd < R else None
-        return TQMetadata(num_actual_tokens=n_tok, plan=plan, num_decode_rows=nd, slot_mapping=cam.slot_mapping,
-                          host_rows=host_rows, _keepalive=(host, hq))
+        return self._metadata(cam, qsl, seq, ctx_l, qr, qi, cs, os_)
 
     def _shadow_completed_blocks(self, alloc, qsl, ctx_l, seq_l, ctx_slots, ctx_ids) -> tuple:
         """Speculative decoding: a verification row (1 < q <= 1 + num_speculative_tokens) whose open block
