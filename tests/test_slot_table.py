@@ -213,3 +213,20 @@ def test_triton_planner_equals_the_torch_planner(B, seed, dev, monkeypatch):
                 r["slot"] = o if r["len"] % B else None
         for rid in [x for x in sim.reqs if sim.reqs[x]["len"] > 18 * B or rng.random() < 0.05]:
             sim.finish(rid)
+
+
+def test_a_batch_wider_than_the_table_takes_the_torch_planner(monkeypatch):
+    """More rows than the Triton planner's compiled width (never seen from vLLM: rows <= max_num_seqs < slots):
+    the torch planner serves the step, with the same result as planning it directly."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from tq_vllm import kernels as K
+    B, R = 16, 40
+    i32 = dict(dtype=torch.int32)
+    qsl, seq = torch.arange(R + 1, **i32) * 3, torch.full((R,), 3, **i32)
+    bt = torch.arange(1, R + 1, **i32).view(R, 1)
+    a, b = SlotTable(60, 64, "cpu"), SlotTable(60, 64, "cpu")
+    a.scratch = tuple(t[:16] for t in a.scratch)  # a table compiled 16 rows wide
+    x = K.plan_slots(a, qsl, seq, bt, B, force="triton")
+    y = b.plan(qsl, seq, bt, B)
+    assert [t.tolist() for t in x] == [t.tolist() for t in y] and a.step == b.step == 1
+    assert sorted(x[1].tolist()) == list(range(R)) and int(a.err) == 0

@@ -278,11 +278,13 @@ def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
                block_size: int, capture: bool = False, force: str | None = None):
     """`SlotTable.plan` (quant/plan.py) as one Triton program on CUDA: (ctx_slot [R], open_slot [R]) int32 for
     query_start_loc [R+1], seq_lens [R], block_table [R, max_blocks]; no host sync."""
-    if not use_triton(table.slot_block, force):
+    R = seq_lens.shape[0]
+    # rows < max_num_seqs < num_slots <= SP: one compile per table (a batch-size-dependent width compiled new
+    # variants while serving: +3 s in the 64 x 8K run); a wider batch (not seen from vLLM) takes the torch planner
+    if not use_triton(table.slot_block, force) or R > max(16, table.scratch[0].shape[0]):
         return table.plan(query_start_loc, seq_lens, block_table, block_size, capture)
     from tq_vllm.quant.plan import SlotTable
     table.step += 1
-    R = seq_lens.shape[0]
     dev = table.slot_block.device
     cs = torch.empty(R, dtype=torch.int32, device=dev)
     os_ = torch.empty(R, dtype=torch.int32, device=dev)
@@ -293,10 +295,6 @@ def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
         bt = torch.zeros(R, 1, dtype=torch.int32, device=dev)
     touch, keys, order = table.scratch
     SP = touch.shape[0]
-    # rows < max_num_seqs < num_slots <= SP: one compile per table (a batch-size-dependent width compiled new
-    # variants while serving: +3 s in the 64 x 8K run)
-    if R > max(16, SP):
-        raise ValueError(f"plan_slots: {R} rows exceed the table's {table.num_slots} staging slots")
     _launch("slots", _kmod("slots")._tq_plan_slots_kernel, (1,), (
         query_start_loc, seq_lens, bt, bt.stride(0), bt.shape[1], table.slot_block, table.slot_stamp,
         table.block_slot, table.err, touch, keys, order, cs, os_, R, table.step << 16), dict(
