@@ -9,8 +9,9 @@ Pieces (docs/backend.md has the full story):
   override (`tq_vllm.compat`); one uint8 tensor `[num_blocks, H, block_size, C]` per layer, C =
   PageLayout(...).bytes_per_token. Boundary layers (first/last N) are re-pointed to `TQBoundaryBackend`, whose
   pages use the boundary preset; vLLM groups and sizes them exactly.
-* `TQMetadataBuilder`: host planning of each step (which blocks become full, which staging slot holds each open
-  block) with one `StagingAllocator` per builder, into a `StepPlan`.
+* `TQMetadataBuilder`: planning of each step (which blocks become full, which staging slot holds each open
+  block) into a `StepPlan`; the slots come from a device `SlotTable` (no device-to-host copy; CUDA default) or a
+  host `StagingAllocator` (CPU, speculative decoding).
 * `TQAttentionImpl`: store -> attention -> staging write per docs/design.md (`forward_includes_kv_cache_update`).
 """
 from __future__ import annotations
