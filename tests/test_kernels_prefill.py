@@ -105,6 +105,31 @@ def test_plan_covers_decode_semantics_exactly(seed):
     assert not seen, "decode rows or tokens outside the prefill rows were planned"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_device_plan_arrays_are_16_byte_aligned_and_equal_to_the_host_plan(seed):
+    """Every index array of every pass starts 16-byte aligned in the shared device buffer (Triton specializes
+    pointer arguments on it: unaligned slices made the dequantization kernel compile new variants while serving)
+    and holds exactly the host plan's values."""
+    rng = random.Random(100 + seed)
+    B = rng.choice([16, 32])
+    R = rng.randint(1, 6)
+    ctx = [rng.choice([0, rng.randint(0, 400)]) for _ in range(R)]
+    nq = [rng.randint(2, 150) for _ in range(R)]
+    qsl = np.concatenate([[0], np.cumsum(nq)])
+    seq = [c + n for c, n in zip(ctx, nq)]
+    pp = P.plan_prefill(qsl, seq, ctx, range(R), B, rng.choice([7, 12, 1000])).to_device("cpu")
+    names = ("cu_q", "seqused_k", "block_table", "deq_row", "deq_blk", "deq_dst", "deq_first", "in_src", "in_dst",
+             "st_row", "st_off", "st_dst")
+    n_checked = 0
+    for ps in pp.passes:
+        for n in names:
+            t = getattr(ps, n)
+            assert t.data_ptr() % 16 == 0, (n, t.data_ptr() % 16)
+            assert np.array_equal(t.numpy(), np.asarray(ps.host[n], dtype=np.int32)), n
+            n_checked += 1
+    assert n_checked == len(names) * len(pp.passes) > 0
+
+
 def test_plan_single_pass_when_it_fits_and_windows_when_not():
     B = 16
     qsl, seq, ctx = [0, 64], [1000], [936]
@@ -151,6 +176,26 @@ def test_dequantize_blocks_matches_codec(preset, D, B):
         assert _rel(ok, ek) < 5e-3 and _rel(ov, ev) < 5e-3, force
     if sink is not None:
         assert torch.equal(outs["triton"][0][first.bool(), 0], k[first.bool(), 0].to(torch.bfloat16))
+
+
+def test_warm_up_dequantizes_the_null_page_into_workspace_block_0_only():
+    """kernels.warm_up (the builder calls it before serving so the dequantization kernel is compiled): the Triton
+    dequantization of page 0 into workspace block 0, nothing else written; a no-op for the torch path."""
+    D, B, H = 64, 16, 2
+    codec = LayerCodec("tq4", D, B, layer_index=1, device=DEV)
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(1, B, H, D, generator=g).to(DEV), torch.randn(1, B, H, D, generator=g).to(DEV)
+    cache = torch.zeros(3, H, B, codec.layout.bytes_per_token, dtype=torch.uint8, device=DEV)
+    codec.write_pages(cache, torch.zeros(1, dtype=torch.int32, device=DEV),
+                      codec.encode_blocks(k, v, torch.zeros(1, dtype=torch.bool, device=DEV)))
+    ws = P.PrefillWorkspace(torch.full((4, B, H, D), float("nan"), dtype=torch.bfloat16, device=DEV),
+                            torch.full((4, B, H, D), float("nan"), dtype=torch.bfloat16, device=DEV))
+    K.warm_up(codec, cache, workspace=ws, force="torch")
+    assert torch.isnan(ws.k).all()
+    K.warm_up(codec, cache, workspace=ws, force="triton")
+    ek, ev = codec.dequantize_pages(cache, torch.zeros(1, dtype=torch.int32, device=DEV))
+    assert _rel(ws.k[0], ek[0]) < 5e-3 and _rel(ws.v[0], ev[0]) < 5e-3
+    assert torch.isnan(ws.k[1:]).all() and torch.isnan(ws.v[1:]).all()
 
 
 def _sink_table(H, D, dtype, k, v, first, fields, ids):

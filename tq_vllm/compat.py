@@ -179,11 +179,18 @@ def host_seq_lens(cam) -> torch.Tensor | None:
     return ub[:R].to(torch.int64)
 
 
-def layer_kv_blocks(layer) -> int | None:
-    """Number of blocks of a layer's bound KV cache tensor (dim 0), or None before allocation."""
+def layer_kv_cache(layer) -> torch.Tensor | None:
+    """A layer's bound KV cache tensor (vLLM keeps a list per virtual engine or the tensor), None before
+    allocation."""
     kv = getattr(layer, "kv_cache", None)
     if isinstance(kv, (list, tuple)):
         kv = kv[0] if kv else None
     if isinstance(kv, torch.Tensor) and kv.dim() >= 1 and kv.numel() > 0:
-        return int(kv.shape[0])
+        return kv
     return None
+
+
+def layer_kv_blocks(layer) -> int | None:
+    """Number of blocks of a layer's bound KV cache tensor (dim 0), or None before allocation."""
+    kv = layer_kv_cache(layer)
+    return None if kv is None else int(kv.shape[0])

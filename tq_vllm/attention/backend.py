@@ -274,6 +274,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         # planner where a step's exact lengths are only known on the device (speculative decoding)
         self.device_slots = (mode == "device" or (mode == "auto" and not self.on_cpu)) and not self.spec_tokens
         self.slot_table: SlotTable | None = None
+        self._warmed = False
         if not self.on_cpu:
             self._alloc_buffers()
         log_capacity_once(vllm_config)
@@ -291,7 +292,33 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
         return self._build(common_attn_metadata, self.alloc)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> TQMetadata:
+        self._warm_up_kernels()
         return self._build(common_attn_metadata, self.scratch)
+
+    def _warm_up_kernels(self) -> None:
+        """Before the first CUDA-graph capture (outside it, before serving): compile the kernels that only prefill
+        steps launch, once per page format, with the same arguments real steps pass. Best effort: a failure is
+        logged and leaves the compile to the first request."""
+        if self._warmed or self.on_cpu:
+            return
+        self._warmed = True
+        layers = bind_all_layers(self.vllm_config)
+        done = set()
+        for name in self.layer_names:
+            layer = layers.get(name)
+            impl = getattr(layer, "impl", None)
+            kv = compat.layer_kv_cache(layer)
+            if not isinstance(impl, TQAttentionImpl) or impl.exact or impl.codec is None or kv is None:
+                continue
+            key = (impl.format.name if impl.format else None, impl.dtype, tuple(kv.shape[1:]), impl.sink is None)
+            if key in done:
+                continue
+            done.add(key)
+            try:
+                ops.warm_up(impl.codec, kv, sink=impl.sink, workspace=impl.workspace)
+            except Exception as err:  # noqa: BLE001 - a warm-up must never stop the engine
+                logger.warning("tq_vllm: kernel warm-up of %s failed (%s: %s); the first request compiles instead",
+                               name, type(err).__name__, str(err)[:200])
 
     def _slot_table(self) -> SlotTable | None:
         """The device slot table, made at the first build (the KV cache tensors exist by then); None if the

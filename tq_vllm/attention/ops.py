@@ -56,6 +56,13 @@ def plan_slots(table, query_start_loc, seq_lens, block_table, block_size: int, c
     return table.plan(query_start_loc, seq_lens, block_table, block_size, capture=capture)
 
 
+def warm_up(codec, kv_cache, sink=None, workspace=None) -> None:
+    """Compile the kernels' prefill-only pieces before serving (no-op without kernels or off CUDA)."""
+    k, _ = _resolve()
+    if k is not None and hasattr(k, "warm_up"):
+        k.warm_up(codec, kv_cache, sink=sink, workspace=workspace)
+
+
 def forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=None, sink=None, meta=None,
                  workspace=None):
     """store -> attention -> staging write of one layer and step (see docs/design.md). Returns the output

@@ -29,7 +29,7 @@ from tq_vllm.quant.plan import StepPlan
 
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
-__all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "write_staging", "paged_attention", "forward_step",
+__all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention", "forward_step",
            "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton", "DECODE_TILE",
            "PREFILL_ROWS"]
 
@@ -484,6 +484,16 @@ def dequantize_blocks(codec: LayerCodec, kv_cache: torch.Tensor, block_ids: torc
         ws_k.stride(0), ws_k.stride(1), ws_k.stride(2), *sst), dict(
         H=H, D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), PM1=pi16 is not None, DC=DC, INTERP=_interp(),
         num_warps=4, num_stages=1, **kw))
+
+
+def warm_up(codec: LayerCodec, kv_cache: torch.Tensor, sink=None, workspace=None, force: str | None = None) -> None:
+    """Compile what vLLM's own warm-up does not reach, with the arguments real steps pass (so the same
+    specialization): the page dequantization of the prefill path, which otherwise compiles at the first request
+    that completes a block (~3 s on an H200). Writes workspace block 0 (scratch) from page 0 (vLLM's null block)."""
+    if workspace is None or not use_triton(kv_cache, force):
+        return
+    one = torch.zeros(1, dtype=torch.int32, device=kv_cache.device)
+    dequantize_blocks(codec, kv_cache, one, one.clone(), workspace.k, workspace.v, one.clone(), sink=sink, force=force)
 
 
 def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,

@@ -216,7 +216,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                          byte.to(tl.uint8), mask=tvalid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_qb"])  # one compile for any number of completed blocks (no mid-serving JIT)
 def _tq_store_kernel(
     KIN, VIN, STG, CACHE, BT, QSL, SEQ, CSLOT, QBR, QBI,
     PI, PI16, SQ, BK, BV, BKM, BVM, CK, CV, CKM, CVM, SKV, STAG, SCOEF,
