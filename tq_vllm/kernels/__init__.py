@@ -25,13 +25,13 @@ import torch
 
 from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
-from tq_vllm.quant.plan import StepPlan
+from tq_vllm.quant.plan import SlotTable, StepPlan
 
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
-__all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention", "forward_step",
-           "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton", "DECODE_TILE",
-           "PREFILL_ROWS"]
+__all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
+           "forward_step", "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton",
+           "DECODE_TILE", "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
 PREFILL_ROWS = int(os.environ.get("TQ_VLLM_PREFILL_ROWS", "64"))  # score columns per prefill program (QT*GP)
@@ -283,7 +283,6 @@ def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
     # variants while serving: +3 s in the 64 x 8K run); a wider batch (not seen from vLLM) takes the torch planner
     if not use_triton(table.slot_block, force) or R > max(16, table.scratch[0].shape[0]):
         return table.plan(query_start_loc, seq_lens, block_table, block_size, capture)
-    from tq_vllm.quant.plan import SlotTable
     table.step += 1
     dev = table.slot_block.device
     cs = torch.empty(R, dtype=torch.int32, device=dev)
@@ -297,7 +296,7 @@ def plan_slots(table, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, blo
     SP = touch.shape[0]
     _launch("slots", _kmod("slots")._tq_plan_slots_kernel, (1,), (
         query_start_loc, seq_lens, bt, bt.stride(0), bt.shape[1], table.slot_block, table.slot_stamp,
-        table.block_slot, table.err, touch, keys, order, cs, os_, R, table.step << 16), dict(
+        table.block_slot, table.err, touch, keys, order, cs, os_, R, table.stamp_base), dict(
         S=table.num_slots, NB=table.num_blocks, B=block_size, RP=max(16, SP), SP=SP, CH=min(16, SP),
         CAPTURE=bool(capture), STAMP_BITS=SlotTable.STAMP_BITS, SLOT_BITS=SlotTable.SLOT_BITS, num_warps=4))
     return cs, os_

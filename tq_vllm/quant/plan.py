@@ -119,15 +119,11 @@ def plan_rows(ctx_lens, seq_lens, block_size: int, ctx_block_ids, open_block_ids
     Returns (ctx_slot, open_slot, qb_row, qb_idx) as python lists."""
     B = block_size
     alloc.begin_step()
-    ctx_slot, open_slot, qb_row, qb_idx = [], [], [], []
+    ctx_slot, open_slot = [], []
     for r, (c, L) in enumerate(zip(ctx_lens, seq_lens)):
         c, L = int(c), int(L)
         cs = alloc.lookup(int(ctx_block_ids[r])) if c % B else -1
         ctx_slot.append(cs)
-        first_full = c // B  # the block holding position c
-        for b in range(first_full, L // B):
-            qb_row.append(r)
-            qb_idx.append(b)
         if L % B:
             ob = int(open_block_ids[r])
             if c % B and c // B == L // B:
@@ -137,7 +133,7 @@ def plan_rows(ctx_lens, seq_lens, block_size: int, ctx_block_ids, open_block_ids
             open_slot.append(os_)
         else:
             open_slot.append(-1)
-    return ctx_slot, open_slot, qb_row, qb_idx
+    return (ctx_slot, open_slot, *completed_blocks(ctx_lens, seq_lens, B))
 
 
 def make_step_plan(query_start_loc, seq_lens, block_table, block_size: int, alloc: StagingAllocator,
@@ -201,6 +197,12 @@ class SlotTable:
         self.step = 0
         self._err_host = torch.zeros(1, dtype=torch.int32, pin_memory=dev.type == "cuda")
         self._err_event = None
+
+    @property
+    def stamp_base(self) -> int:
+        """Recency stamp of row 0 in the current step: stamps grow across steps and in row order within one
+        (rows < 65536)."""
+        return self.step << 16
 
     def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
              block_size: int, capture: bool = False):
@@ -289,8 +291,7 @@ def plan_slots_torch(tab: SlotTable, query_start_loc, seq_lens, block_table, B: 
     tab.block_slot.scatter_(0, torch.where(assign, open_id, torch.full_like(open_id, NB)), open_out.to(torch.int32))
     freed = valid & ~need_open
     tab.slot_block.scatter_(0, torch.where(freed, cs, sink_s), torch.full_like(cs, -1, dtype=torch.int32))
-    base = tab.step << 16  # rows < 65536: stamps grow across steps, in row order within one
-    stamp = base + torch.arange(R, device=dev, dtype=i64)
+    stamp = tab.stamp_base + torch.arange(R, device=dev, dtype=i64)
     t_slot = torch.where(assign, open_out, torch.where(valid & need_open, cs, sink_s))
     tab.slot_stamp.scatter_(0, t_slot, stamp)
     tab.slot_stamp.scatter_(0, torch.where(freed, cs, sink_s), torch.zeros_like(stamp))
