@@ -381,24 +381,38 @@ def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1
     return rows
 
 
-def prefill_variants(spec, preset="tq4", B=32, prefix=32768, chunk=2048):
-    """Time prefill variants (env knobs) on one chunk over a compressed prefix; returns rows."""
+def prefill_variants(spec, preset="tq4", B=32, shapes=((32768, 2048),)):
+    """Time prefill variants (env knobs) on one chunk over a compressed prefix, for each (prefix, chunk) of
+    `shapes`, and bf16 FlashAttention on the same shape; returns rows."""
     rows = []
-    for name, env in parse_variants(spec):
-        old = _set_env(env)
-        K.LAST_KERNELS.pop("prefill", None)  # the FlashAttention path launches no Triton prefill kernel
+    for prefix, chunk in shapes:
         try:
-            fn = tq_prefill_case(preset, prefix, chunk, B)
-            ms = bench(fn, False)
-            row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, prefix=prefix, chunk=chunk,
-                       ms=round(ms, 4), **_kstats("prefill"))
-            del fn
+            ms = bench(fa_prefill_case(prefix, chunk, B), False)
+            row = dict(variant="bf16_fa", env={}, kind="prefill", preset="bf16", B=B, prefix=prefix, chunk=chunk,
+                       ms=round(ms, 4))
         except Exception as e:  # noqa: BLE001
-            row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, ms=None, error=repr(e)[:300])
+            row = dict(variant="bf16_fa", env={}, kind="prefill", preset="bf16", B=B, prefix=prefix, chunk=chunk,
+                       ms=None, error=repr(e)[:300])
         print("variant", json.dumps(row), flush=True)
-        print(f"prefill variant {name:14s} {row['ms']}", flush=True)
+        print(f"prefill {prefix}+{chunk} {'bf16_fa':14s} {row['ms']}", flush=True)
         rows.append(row)
-        _restore_env(old)
+        for name, env in parse_variants(spec):
+            old = _set_env(env)
+            K.LAST_KERNELS.pop("prefill", None)  # the FlashAttention path launches no Triton prefill kernel
+            try:
+                fn = tq_prefill_case(preset, prefix, chunk, B)
+                ms = bench(fn, False)
+                row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, prefix=prefix, chunk=chunk,
+                           ms=round(ms, 4), **_kstats("prefill"))
+                del fn
+            except Exception as e:  # noqa: BLE001
+                row = dict(variant=name, env=env, kind="prefill", preset=preset, B=B, prefix=prefix, chunk=chunk,
+                           ms=None, error=repr(e)[:300])
+            print("variant", json.dumps(row), flush=True)
+            print(f"prefill {prefix}+{chunk} {name:14s} {row['ms']}", flush=True)
+            rows.append(row)
+            _restore_env(old)
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -443,13 +457,16 @@ def main():
                          'for a,b), e.g. "base:DECODE_PF=0;pf3:DECODE_PF=1 DECODE_CFG=4/3"')
     ap.add_argument("--pick", action="store_true", help="run the grid with the variant fastest at 32 x 32K (tq4)")
     ap.add_argument("--variants-only", action="store_true")
+    ap.add_argument("--variant-presets", default="tq4", help="presets the --variants are timed for")
     ap.add_argument("--prefill-variants", default=None, help="prefill variants, same syntax (2K chunk over 32K)")
+    ap.add_argument("--prefill-shapes", default="32768:2048",
+                    help='(prefix:chunk) shapes of the prefill variants, e.g. "32768:2048,0:16384"')
     ap.add_argument("--vllm-tq-quick", action="store_true", help="vLLM's TurboQuant only at 1x1K, 8x8K, 32x32K")
     ap.add_argument("--vllm-tq-only", action="store_true", help="only vLLM's TurboQuant rows (implies --vllm-tq-quick)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.variants:
-        vrows = variants(args.variants, ("tq4",), B=args.block_size[0])
+        vrows = variants(args.variants, tuple(args.variant_presets.split(",")), B=args.block_size[0])
         with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
             for r in vrows:
                 f.write(json.dumps(r) + "\n")
@@ -460,11 +477,12 @@ def main():
                 os.environ.update(best["env"])
                 print("picked variant", best["variant"], best["env"], flush=True)
     if args.prefill_variants:
-        prow = prefill_variants(args.prefill_variants, B=args.block_size[0])
+        shapes = tuple(tuple(int(x) for x in sh.split(":")) for sh in args.prefill_shapes.split(","))
+        prow = prefill_variants(args.prefill_variants, B=args.block_size[0], shapes=shapes)
         with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
             for r in prow:
                 f.write(json.dumps(r) + "\n")
-        ok = [r for r in prow if r["ms"]]
+        ok = [r for r in prow if r["ms"] and r["variant"] != "bf16_fa" and (r["prefix"], r["chunk"]) == shapes[0]]
         if args.pick and ok:
             best = min(ok, key=lambda r: r["ms"])
             os.environ.update(best["env"])

@@ -23,6 +23,8 @@ Usage (on the GPU machine; each format takes 1-3 minutes):
     python benchmarks/bench_e2e.py                       # all six formats -> benchmarks/results/e2e.jsonl
     python benchmarks/bench_e2e.py --kv tq4 auto         # a subset
     python benchmarks/bench_e2e.py --quick --kv tq4      # smoke test: 8 x 1K prompts, 32 tokens, no 32K run
+    python benchmarks/bench_e2e.py --kv tq4 auto --prefill-only   # only prefill_tok_s (~1.5 min per format)
+    python benchmarks/bench_e2e.py --kv tq4 --gen-len 48 --long-len 0 --profile DIR   # per-step GPU profiles
     python benchmarks/bench_e2e.py --print               # the table of what e2e.jsonl holds
     python benchmarks/bench_e2e.py --tiny --quick --kv auto tq4 --block-size 32 --out /tmp/e2e.jsonl
                                                          # checks the script itself, also on a CPU vLLM
@@ -204,9 +206,13 @@ def measure(kv: str, args) -> dict:
     prompts = [_tokens(plen, 1000 + i) for i in range(n)]
     _run_batch(llm, [_tokens(256, 7)], 8)  # warm-up (compiled graphs are captured at start already)
 
-    # prefill throughput: the batch with one output token each
-    wall, *_ = _run_batch(llm, prompts, 1)
+    # prefill throughput: the batch with one output token each (profiled: 4 steps after 2, none of them decodes)
+    prof = _StepProfiler(llm, kv, args, 0, f"prefill_{n}x{plen // 1024}k", warm=2, steps=4) if args.profile else None
+    wall, *_ = _run_batch(llm, prompts, 1, prof)
     rec["prefill_tok_s"] = round(n * plen / wall, 1)
+
+    if args.prefill_only:
+        return _shutdown(llm, rec)
 
     # the batch: total time, TPOT in the full batch
     prof = _StepProfiler(llm, kv, args, n, f"{n}x{plen // 1024}k") if args.profile else None
@@ -225,6 +231,10 @@ def measure(kv: str, args) -> dict:
         key = f"{args.long_len // 1024}k"
         rec[f"tpot_ms_{key}"] = round(1000 * statistics.median(dec), 2) if dec else None
         rec[f"ttft_s_{key}"] = round(next(iter(first.values())), 3)
+    return _shutdown(llm, rec)
+
+
+def _shutdown(llm, rec: dict) -> dict:
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:
@@ -261,9 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8 x 1K prompts, 32 tokens, no long run (smoke test)")
     ap.add_argument("--print", action="store_true", help="print the table of --out and exit")
-    ap.add_argument("--profile", help="profile 8 decode steps of the full batch and of the long request into this "
-                    "directory (torch profiler in the worker; prints and writes a per-step summary; timings of "
-                    "profiled runs are not recorded as results)")
+    ap.add_argument("--prefill-only", action="store_true", help="only the prefill throughput (no batch, no long run)")
+    ap.add_argument("--profile", help="profile 4 prefill steps of the batch, 8 decode steps of the full batch and 8 of "
+                    "the long request into this directory (torch profiler in the worker; prints and writes a "
+                    "per-step summary; timings of profiled runs are not recorded as results)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model instead of the 8B shape (script check)")
     ap.add_argument("--per-kv-timeout", type=int, default=0, help="seconds per format (0: none)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one format in this process
@@ -279,6 +290,8 @@ def main(argv=None) -> int:
         rec = measure(args.one, args)
         if args.quick or args.tiny:
             rec["check_only"] = True
+        if args.prefill_only:
+            rec["prefill_only"] = True
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
@@ -295,6 +308,7 @@ def main(argv=None) -> int:
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
             cmd += ["--profile", args.profile] if args.profile else []
             cmd += ["--enforce-eager"] * args.enforce_eager + ["--quick"] * args.quick + ["--tiny"] * args.tiny
+            cmd += ["--prefill-only"] * args.prefill_only
             print(f"=== {kv}: {' '.join(cmd)}", flush=True)
             try:
                 p = subprocess.run(cmd, timeout=args.per_kv_timeout or None)

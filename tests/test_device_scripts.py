@@ -19,8 +19,7 @@ DEV = ROOT / "scripts" / "device"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-@pytest.mark.parametrize("name", ["pack_model.sh", "collect_parts.sh", "setup.sh", "user_path.sh", "bench.sh",
-                                  "lib.sh"])
+@pytest.mark.parametrize("name", sorted(p.name for p in DEV.glob("*.sh")))
 def test_shell_syntax(name):
     subprocess.run(["bash", "-n", str(DEV / name)], check=True)
 

@@ -143,9 +143,12 @@ def test_plan_single_pass_when_it_fits_and_windows_when_not():
 
 
 # ------------------------------------------------------------------------------------------------ dequant
-@pytest.mark.parametrize("preset,D,B", [("tq4", 64, 16), ("tq3", 128, 32), ("tq4-prod", 64, 16), ("tq35", 96, 16),
-                                        ("tq25", 64, 32), ("tq8", 64, 16)])
-def test_dequantize_blocks_matches_codec(preset, D, B):
+@pytest.mark.parametrize("preset,D,B,npg", [("tq4", 64, 16, 1), ("tq3", 128, 32, 2), ("tq4-prod", 64, 16, 4),
+                                            ("tq35", 96, 16, 2), ("tq25", 64, 32, 1), ("tq8", 64, 16, 8),
+                                            ("tq4", 128, 32, 0)])
+def test_dequantize_blocks_matches_codec(preset, D, B, npg, monkeypatch):
+    """npg pages per program (5 pages: the last program is partly empty); sink presets take token 0 from the table."""
+    monkeypatch.setenv("TQ_VLLM_DEQUANT_PAGES", str(npg))
     H, N = 2, 5
     g = torch.Generator().manual_seed(zlib.crc32(f"{preset}{D}{B}".encode()))
     codec = LayerCodec(preset, D, B, layer_index=2, device=DEV)
@@ -178,9 +181,55 @@ def test_dequantize_blocks_matches_codec(preset, D, B):
         assert torch.equal(outs["triton"][0][first.bool(), 0], k[first.bool(), 0].to(torch.bfloat16))
 
 
-def test_warm_up_dequantizes_the_null_page_into_workspace_block_0_only():
-    """kernels.warm_up (the builder calls it before serving so the dequantization kernel is compiled): the Triton
-    dequantization of page 0 into workspace block 0, nothing else written; a no-op for the torch path."""
+def _fill_case(g, T, H, D, B, slots, dtype):
+    """A step's K/V as views of one fused qkv buffer (vLLM's layout: strided rows), a staging buffer, and random
+    exact-token lists as plan_prefill makes them (distinct destination rows)."""
+    Hq = 2 * H
+    qkv = torch.randn(T, (Hq + 2 * H) * D, generator=g).to(dtype).to(DEV)
+    key = qkv[:, Hq * D:(Hq + H) * D].view(T, H, D)
+    value = qkv[:, (Hq + H) * D:].view(T, H, D)
+    staging = torch.randn(slots, 2, B, H, D, generator=g).to(dtype).to(DEV)
+    i32 = dict(dtype=torch.int32, device=DEV)
+    rows = 3
+    ctx_slot = torch.randperm(slots, generator=g)[:rows].to(**i32)
+    dst = torch.randperm(4 * B, generator=g)
+    E, F = int(torch.randint(1, 2 * B, (1,), generator=g)), int(torch.randint(1, B, (1,), generator=g))
+    ps = K.FillLists(in_src=torch.randint(0, T, (E,), generator=g).to(**i32), in_dst=dst[:E].to(**i32),
+                     st_row=torch.randint(0, rows, (F,), generator=g).to(**i32),
+                     st_off=torch.randint(0, B, (F,), generator=g).to(**i32), st_dst=dst[E:E + F].to(**i32))
+    return key, value, staging, ctx_slot, ps
+
+
+@pytest.mark.parametrize("H,D,B,dtype", [(2, 64, 16, torch.bfloat16), (1, 96, 32, torch.float16),
+                                         (8, 128, 16, torch.bfloat16)])
+def test_fill_workspace_matches_indexing(H, D, B, dtype):
+    """The workspace fill kernel (exact tokens from the step's K/V and from staging) against torch indexing, on a
+    NaN-poisoned workspace: the listed rows get the exact values, no other row is written."""
+    g = torch.Generator().manual_seed(H * 1000 + D + B + random.randrange(1000))
+    key, value, staging, ctx_slot, ps = _fill_case(g, 40, H, D, B, 6, dtype)
+    outs = {}
+    for force in ("torch", "triton"):
+        wk = torch.full((4 * B, H, D), float("nan"), dtype=dtype, device=DEV)
+        wv = torch.full_like(wk, float("nan"))
+        K.fill_workspace(key, value, staging, ctx_slot, ps, wk, wv, force=force)
+        outs[force] = (wk, wv)
+    (tk, tv), (rk, rv) = outs["triton"], outs["torch"]
+    assert torch.equal(torch.isnan(tk), torch.isnan(rk)) and torch.equal(torch.isnan(tv), torch.isnan(rv))
+    written = torch.cat([ps.in_dst, ps.st_dst]).long()
+    assert not torch.isnan(tk[written]).any()
+    assert torch.equal(tk[written], rk[written]) and torch.equal(tv[written], rv[written])
+    assert torch.equal(tk[ps.in_dst.long()], key[ps.in_src.long()])
+    slots = ctx_slot[ps.st_row.long()].long()
+    assert torch.equal(tv[ps.st_dst.long()], staging[slots, 1, ps.st_off.long()])
+    others = torch.ones(4 * B, dtype=torch.bool, device=DEV)
+    others[written] = False
+    assert torch.isnan(tk[others]).all() and torch.isnan(tv[others]).all()
+
+
+def test_warm_up_writes_workspace_block_0_only():
+    """kernels.warm_up (the builder calls it before serving so that the prefill kernels are compiled): the Triton
+    dequantization of page 0 into workspace block 0, then the fill of its token 0 (from token 1, then from staging
+    slot 0); nothing else written; a no-op for the torch path."""
     D, B, H = 64, 16, 2
     codec = LayerCodec("tq4", D, B, layer_index=1, device=DEV)
     g = torch.Generator().manual_seed(7)
@@ -190,11 +239,13 @@ def test_warm_up_dequantizes_the_null_page_into_workspace_block_0_only():
                       codec.encode_blocks(k, v, torch.zeros(1, dtype=torch.bool, device=DEV)))
     ws = P.PrefillWorkspace(torch.full((4, B, H, D), float("nan"), dtype=torch.bfloat16, device=DEV),
                             torch.full((4, B, H, D), float("nan"), dtype=torch.bfloat16, device=DEV))
-    K.warm_up(codec, cache, workspace=ws, force="torch")
+    staging = torch.randn(3, 2, B, H, D, generator=g).to(torch.bfloat16).to(DEV)
+    K.warm_up(codec, cache, workspace=ws, force="torch", staging=staging)
     assert torch.isnan(ws.k).all()
-    K.warm_up(codec, cache, workspace=ws, force="triton")
+    K.warm_up(codec, cache, workspace=ws, force="triton", staging=staging)
     ek, ev = codec.dequantize_pages(cache, torch.zeros(1, dtype=torch.int32, device=DEV))
-    assert _rel(ws.k[0], ek[0]) < 5e-3 and _rel(ws.v[0], ev[0]) < 5e-3
+    assert _rel(ws.k[0, 1:], ek[0, 1:]) < 5e-3 and _rel(ws.v[0, 1:], ev[0, 1:]) < 5e-3
+    assert torch.equal(ws.k[0, 0], staging[0, 0, 0]) and torch.equal(ws.v[0, 0], staging[0, 1, 0])
     assert torch.isnan(ws.k[1:]).all() and torch.isnan(ws.v[1:]).all()
 
 

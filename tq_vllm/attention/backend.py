@@ -315,7 +315,7 @@ class TQMetadataBuilder(AttentionMetadataBuilder[TQMetadata]):
                 continue
             done.add(key)
             try:
-                ops.warm_up(impl.codec, kv, sink=impl.sink, workspace=impl.workspace)
+                ops.warm_up(impl.codec, kv, sink=impl.sink, workspace=impl.workspace, staging=impl.staging)
             except Exception as err:  # noqa: BLE001 - a warm-up must never stop the engine
                 logger.warning("tq_vllm: kernel warm-up of %s failed (%s: %s); the first request compiles instead",
                                name, type(err).__name__, str(err)[:200])

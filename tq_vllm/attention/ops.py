@@ -56,11 +56,11 @@ def plan_slots(table, query_start_loc, seq_lens, block_table, block_size: int, c
     return table.plan(query_start_loc, seq_lens, block_table, block_size, capture=capture)
 
 
-def warm_up(codec, kv_cache, sink=None, workspace=None) -> None:
+def warm_up(codec, kv_cache, sink=None, workspace=None, staging=None) -> None:
     """Compile the kernels' prefill-only pieces before serving (no-op without kernels or off CUDA)."""
     k, _ = _resolve()
     if k is not None and hasattr(k, "warm_up"):
-        k.warm_up(codec, kv_cache, sink=sink, workspace=workspace)
+        k.warm_up(codec, kv_cache, sink=sink, workspace=workspace, staging=staging)
 
 
 def forward_step(codec, query, key, value, kv_cache, staging, plan, scale, out=None, sink=None, meta=None,

@@ -40,6 +40,10 @@ PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per p
 # and codes by boundary counting, a decode step's store (a few blocks per step: latency-bound) went from 57 to 15 us
 # and a 16K-token chunk from 837 to 290 us (H200, benchmarks/bench_store.py, 2026-11-26)
 STORE_ROWS = 32
+# pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
+# dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
+# 2026-11-27, decode_variants.jsonl)
+DEQUANT_PAGES = 0
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -48,7 +52,8 @@ def triton_cdiv(a: int, b: int) -> int:
 # Measured on an H200 (vLLM 0.26 stack, 2026-11-26; benchmarks/results/decode_variants.jsonl): decode with 4 warps,
 # 2 stages and at most 128 registers (4 programs per SM) 0.785 ms at 32 x 32K vs 0.830 (3 stages, 168 registers),
 # 0.995 (uncapped, 168 used, no prefetch); prefill 4 warps with 64 score columns 14.5 ms vs 23.2 (8 warps, 128).
-_CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": (4, 1)}
+_CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": (4, 1), "DEQUANT": (8, 1),
+                "FILL": (4, 1)}
 _MAXNREG_DEFAULT = {"DECODE": 128}
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
@@ -477,22 +482,74 @@ def dequantize_blocks(codec: LayerCodec, kv_cache: torch.Tensor, block_ids: torc
     skv, stag, nsink, sst, has_sink = _sink_args(sink, kv_cache.device, ws_k.dtype)
     kw["SINK"] = kw["SINK"] and has_sink
     mod = _kmod("dequant")
-    _launch("dequant", mod._tq_dequant_kernel, (N, H), (
+    rows = 128 // next_pow2(B)  # pages of 128 token rows in all (1 for B = 128)
+    npg = int(os.environ.get("TQ_VLLM_DEQUANT_PAGES", DEQUANT_PAGES)) or rows
+    npg = next_pow2(max(1, min(npg, rows)))
+    _launch("dequant", mod._tq_dequant_kernel, (triton_cdiv(N, npg), H), (
         kv_cache, block_ids, dst, first, ws_k, ws_v, tb.rot, pi16 if pi16 is not None else tb.rot, tb.qjl,
-        tb.c32["k"], tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.rsd, nsink,
+        tb.c32["k"], tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.rsd, nsink, N,
         ws_k.stride(0), ws_k.stride(1), ws_k.stride(2), *sst), dict(
-        H=H, D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), PM1=pi16 is not None, DC=DC, INTERP=_interp(),
-        num_warps=4, num_stages=1, **kw))
+        H=H, D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), PM1=pi16 is not None, DC=DC, INTERP=_interp(), NPG=npg,
+        **_cfg("DEQUANT"), **kw))
 
 
-def warm_up(codec: LayerCodec, kv_cache: torch.Tensor, sink=None, workspace=None, force: str | None = None) -> None:
+def fill_workspace(key, value, staging, ctx_slot, ps, wk, wv, force: str | None = None) -> None:
+    """The exact tokens of a prefill pass into the workspace: wk/wv [blocks*B, H, D] rows ps.in_dst <- key/value
+    [T, H, D] rows ps.in_src, and rows ps.st_dst <- staging [slots, 2, B, H, D] of slot ctx_slot[ps.st_row] at
+    offset ps.st_off (`ps`: a PrefillPass or FillLists). One Triton launch per list on CUDA (torch indexing
+    elsewhere)."""
+    if not use_triton(wk, force):
+        if ps.in_dst.numel():
+            wk[ps.in_dst.long()] = key[ps.in_src.long()].to(wk.dtype)
+            wv[ps.in_dst.long()] = value[ps.in_src.long()].to(wv.dtype)
+        if ps.st_dst.numel():
+            slots = ctx_slot[ps.st_row.long()].long()
+            off = ps.st_off.long()
+            wk[ps.st_dst.long()] = staging[slots, 0, off].to(wk.dtype)
+            wv[ps.st_dst.long()] = staging[slots, 1, off].to(wv.dtype)
+        return
+    _, H, D = wk.shape
+    assert wk.stride() == wv.stride() and wk.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+    HD = next_pow2(H * D)
+    TT = max(1, 4096 // HD)
+    mod = _kmod("dequant")
+    st = staging.stride()
+    for n, src, dst, rows, from_stg in ((ps.in_dst.numel(), ps.in_src, ps.in_dst, ps.in_dst, False),
+                                        (ps.st_dst.numel(), ps.st_off, ps.st_dst, ps.st_row, True)):
+        if n:
+            _launch("fill", mod._tq_ws_fill_kernel, (triton_cdiv(n, TT),), (
+                key, value, staging, src, dst, rows, ctx_slot, wk, wv, n, key.stride(0), key.stride(1),
+                value.stride(0), value.stride(1), st[0], st[1], st[2], st[3], wk.stride(0), wk.stride(1)), dict(
+                H=H, D=D, HD=HD, TT=TT, FROM_STG=from_stg, **_cfg("FILL")))
+
+
+def warm_up(codec: LayerCodec, kv_cache: torch.Tensor, sink=None, workspace=None, force: str | None = None,
+            staging: torch.Tensor | None = None) -> None:
     """Compile what vLLM's own warm-up does not reach, with the arguments real steps pass (so the same
-    specialization): the page dequantization of the prefill path, which otherwise compiles at the first request
-    that completes a block (~3 s on an H200). Writes workspace block 0 (scratch) from page 0 (vLLM's null block)."""
+    specializations): the page dequantization and the workspace fill of the prefill path, which otherwise compile at
+    the first request that completes a block (~3 s on an H200). Writes workspace block 0 (scratch) only: page 0
+    (vLLM's null block) dequantized, then token 0 from token 1 and from staging slot 0."""
     if workspace is None or not use_triton(kv_cache, force):
         return
-    one = torch.zeros(1, dtype=torch.int32, device=kv_cache.device)
+    one = torch.zeros(4, dtype=torch.int32, device=kv_cache.device)[:1]  # 16-byte aligned, like the plan's arrays
     dequantize_blocks(codec, kv_cache, one, one.clone(), workspace.k, workspace.v, one.clone(), sink=sink, force=force)
+    if staging is not None:
+        _, B, H, D = workspace.k.shape
+        wk, wv = workspace.k.view(-1, H, D), workspace.v.view(-1, H, D)
+        idx = torch.zeros(8, dtype=torch.int32, device=kv_cache.device)
+        ps = FillLists(in_src=idx[4:5] + 1, in_dst=idx[:1], st_row=idx[:1].clone(), st_off=idx[:1].clone(),
+                       st_dst=idx[:1].clone())
+        fill_workspace(wk, wv, staging, idx[:1].clone(), ps, wk, wv, force)  # row 1 -> row 0, slot 0 -> row 0
+
+
+@dataclass
+class FillLists:
+    """The exact-token lists `fill_workspace` reads (a PrefillPass has them too); int32 device tensors."""
+    in_src: torch.Tensor
+    in_dst: torch.Tensor
+    st_row: torch.Tensor
+    st_off: torch.Tensor
+    st_dst: torch.Tensor
 
 
 def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
@@ -512,17 +569,12 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
     wk, wv = ws.k.view(-1, H, D), ws.v.view(-1, H, D)
     lse_g = [None] * pp.num_groups
     for ps in pp.passes:
-        if ps.in_dst.numel():
-            wk[ps.in_dst.long()] = key[ps.in_src.long()].to(wk.dtype)
-            wv[ps.in_dst.long()] = value[ps.in_src.long()].to(wv.dtype)
-        if ps.st_dst.numel():
-            slots = plan.ctx_slot[ps.st_row.long()].long()
-            off = ps.st_off.long()
-            wk[ps.st_dst.long()] = staging[slots, 0, off].to(wk.dtype)
-            wv[ps.st_dst.long()] = staging[slots, 1, off].to(wv.dtype)
+        fill_workspace(key, value, staging, plan.ctx_slot, ps, wk, wv, force)
         if ps.deq_dst.numel():
-            ids = plan.block_table[ps.deq_row.long(), ps.deq_blk.long()]
-            dequantize_blocks(codec, kv_cache, ids, ps.deq_first, ws.k, ws.v, ps.deq_dst, sink=sink, force=force)
+            if ps.deq_ids is None:  # the same for every layer of the step: gathered once
+                ps.deq_ids = plan.block_table[ps.deq_row.long(), ps.deq_blk.long()].to(torch.int32)
+            dequantize_blocks(codec, kv_cache, ps.deq_ids, ps.deq_first, ws.k, ws.v, ps.deq_dst, sink=sink,
+                              force=force)
         q = query[ps.q0:ps.q1]
         o = out[ps.q0:ps.q1]
         args = (ws.k, ws.v, ps.cu_q, ps.max_q, ps.seqused_k, ps.max_k, ps.block_table, scale, ps.causal)

@@ -1,7 +1,7 @@
 """Dequantize whole head pages into a bf16/fp16 paged workspace (original domain), Triton.
 
 The prefill path (prefill.py) attends with vLLM's FlashAttention over these dequantized pages: one program per
-(page, KV head) decodes K and V (codes -> centroids x per-token scale + block mean, QJL term for prod keys),
+(NPG pages, KV head) decodes K and V (codes -> centroids x per-token scale + block mean, QJL term for prod keys),
 rotates them back (x = y @ Π) and writes `[B, D]` rows into the workspace block the plan assigned. Token 0 of a
 first block is taken from the sink table when the page's tag matches its entry, as in the attention kernel.
 """
@@ -18,22 +18,25 @@ def _decode_side(CACHE, base, tok, tm, t, dm, C32, C32M, O0: tl.constexpr, W0: t
                  W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr, SO: tl.constexpr, CEN: tl.constexpr,
                  MO0: tl.constexpr, MW0: tl.constexpr, MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr,
                  MW2: tl.constexpr, MSO: tl.constexpr, D: tl.constexpr):
-    """Rotated-domain K or V of one head page: [BP, DP] float32 (natural coordinate order, R = 1)."""
+    """Rotated-domain K or V of the rows' head pages: [NR, DP] float32 (natural coordinate order, R = 1).
+    base, tok, tm: [NR] page base offset, token within the page, row valid."""
     m2 = tm[:, None] & dm[None, :]
-    code = _codes(CACHE, base, tok[:, None], m2, t[None, :], 1, 0, D, O0, W0, O1, W1, O2, W2)
+    code = _codes(CACHE, base[:, None], tok[:, None], m2, t[None, :], 1, 0, D, O0, W0, O1, W1, O2, W2)
     y = tl.load(C32 + code, mask=m2, other=0.0) * _bf16_at(CACHE, base + SO, tok, tm)[:, None]
     if CEN:
-        mc = _codes(CACHE, base, 0, dm, t, 1, 0, D, MO0, MW0, MO1, MW1, MO2, MW2)  # [DP]
-        mean = tl.load(C32M + mc, mask=dm, other=0.0) * _bf16_at(CACHE, base + MSO, t * 0, dm)
-        y += mean[None, :]
+        mc = _codes(CACHE, base[:, None], 0, m2, t[None, :], 1, 0, D, MO0, MW0, MO1, MW1, MO2, MW2)  # [NR, DP]
+        mean = tl.load(C32M + mc, mask=m2, other=0.0) * _bf16_at(CACHE, base + MSO, tok * 0, tm)[:, None]
+        y += mean
     return y
 
 
 @triton.jit
 def _unrotate_store(y, PI, PI16, rsd, W, woff, tm, DP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                    PM1: tl.constexpr, INTERP: tl.constexpr, sink_ok, sinkrow_ptr, tok):
-    """W[woff + tok, c] = (y @ Π)[tok, c], chunk by chunk of output columns. PM1: PI16 = sqrt(D)*Π = ±1 in bf16,
-    y split into bf16 high and low parts (two exact-product tensor-core passes, ~16 mantissa bits); else fp32 Π."""
+                    PM1: tl.constexpr, INTERP: tl.constexpr, sink_row, sinkrow_ptr):
+    """W[woff + c] = (y @ Π)[:, c], chunk by chunk of output columns; rows where sink_row is set take the sink
+    table's exact row at sinkrow_ptr instead. PM1: PI16 = sqrt(D)*Π = ±1 in bf16, y split into bf16 high and low
+    parts (two exact-product tensor-core passes, ~16 mantissa bits); else fp32 Π. woff, tm, sink_row,
+    sinkrow_ptr: [NR]."""
     di = tl.arange(0, DP)
     if PM1:
         yh = y.to(tl.bfloat16)
@@ -50,16 +53,15 @@ def _unrotate_store(y, PI, PI16, rsd, W, woff, tm, DP: tl.constexpr, D: tl.const
         else:
             p = tl.load(PI + di[:, None] * D + dd[None, :], mask=(di < D)[:, None], other=0.0)
             x = tl.dot(y, p, input_precision="ieee")
-        sm = (dd * 0 + sink_ok.to(tl.int32)) > 0  # (the interpreter needs the scalar broadcast by hand)
-        s0 = tl.load(sinkrow_ptr + dd, mask=sm, other=0.0).to(tl.float32)
-        x = tl.where(sm[None, :] & (tok == 0)[:, None], s0[None, :], x)
-        tl.store(W + woff + dd[None, :], x.to(W.dtype.element_ty), mask=tm[:, None])
+        s0 = tl.load(sinkrow_ptr[:, None] + dd[None, :], mask=sink_row[:, None], other=0.0).to(tl.float32)
+        x = tl.where(sink_row[:, None], s0, x)
+        tl.store(W + woff[:, None] + dd[None, :], x.to(W.dtype.element_ty), mask=tm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pages"])  # one compile for any number of pages (no mid-serving JIT)
 def _tq_dequant_kernel(
     CACHE, SRC, DST, FIRST, WK, WV, PI, PI16, SQ, CK, CV, CKM, CVM, SKV, STAG,
-    rsd, n_sink, s_w0, s_w1, s_w2, s_k0, s_k1, s_k2,
+    rsd, n_sink, n_pages, s_w0, s_w1, s_w2, s_k0, s_k1, s_k2,
     H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr, PAGE: tl.constexpr,
     KO0: tl.constexpr, KW0: tl.constexpr, KO1: tl.constexpr, KW1: tl.constexpr, KO2: tl.constexpr,
     KW2: tl.constexpr, KSO: tl.constexpr,
@@ -71,40 +73,76 @@ def _tq_dequant_kernel(
     VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
     PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr,
     SINK: tl.constexpr, SINKO: tl.constexpr, PM1: tl.constexpr, DC: tl.constexpr, INTERP: tl.constexpr,
+    NPG: tl.constexpr = 1,
 ):
-    """Grid (pages, H): page SRC[i] (vLLM block id) -> workspace block DST[i]; WK, WV [blocks, B, H, D]."""
-    i = tl.program_id(0)
+    """Grid (cdiv(n_pages, NPG), H): pages SRC[i] (vLLM block ids) -> workspace blocks DST[i] for NPG consecutive
+    entries i per program (their tokens stacked as the M dimension of the rotation's dots); WK, WV [blocks, B, H, D]."""
+    i0 = tl.program_id(0) * NPG
     h = tl.program_id(1)
-    blk = tl.load(SRC + i).to(tl.int64)
-    dst = tl.load(DST + i).to(tl.int64)
-    base = (blk * H + h) * PAGE
-    tok = tl.arange(0, BP)
-    tm = tok < B
+    n = tl.arange(0, NPG * BP)
+    i = i0 + n // BP  # entry of each row
+    tok = n % BP
+    pv = i < n_pages
+    tm = (tok < B) & pv
+    blk = tl.load(SRC + i, mask=pv, other=0).to(tl.int64)
+    dst = tl.load(DST + i, mask=pv, other=0).to(tl.int64)
+    base = (blk * H + h) * PAGE  # [NR]
     t = tl.arange(0, DP)
     dm = t < D
 
-    sink_ok = i < 0  # a scalar False
-    slot0 = i * 0
+    sink_row = tok < 0  # all False
+    slot0 = tok * 0
     if SINK:
-        first = tl.load(FIRST + i) != 0
+        # token 0 of a first block is exact when the page's tag matches the sink table's entry
+        first = tl.load(FIRST + i, mask=pv, other=0) != 0
         tag = tl.load((CACHE + base + SINKO).to(tl.pointer_type(tl.int64)), mask=first, other=0)
         slot0 = ((tag % n_sink) + n_sink) % n_sink
         ttag = tl.load(STAG + slot0 * H + h, mask=first & (tag != 0), other=0)
-        sink_ok = first & (tag != 0) & (ttag == tag)
-    sk = SKV + slot0 * s_k0 + h * s_k2
+        sink_row = first & (tag != 0) & (ttag == tag) & (tok == 0) & tm
+    sk = SKV + slot0 * s_k0 + h * s_k2  # [NR] pointers
 
     yk = _decode_side(CACHE, base, tok, tm, t, dm, CK, CKM, KO0, KW0, KO1, KW1, KO2, KW2, KSO, KC,
                       KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, D)
     if PROD:
         # + ‖e‖ sqrt(pi/2)/D * (z @ S), z = ±1 from the QJL sign bits
         m2 = tm[:, None] & dm[None, :]
-        z = (_codes(CACHE, base, tok[:, None], m2, t[None, :], 1, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1).to(tl.float32)
+        z = (_codes(CACHE, base[:, None], tok[:, None], m2, t[None, :], 1, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+             ).to(tl.float32)
         sq = tl.load(SQ + t[:, None] * D + t[None, :], mask=dm[:, None] & dm[None, :], other=0.0)
         rn = _bf16_at(CACHE, base + RNO, tok, tm)
         yk += tl.dot(z, sq, input_precision="ieee") * (rn * (1.2533141373155003 / D))[:, None]
-    woff = dst * s_w0 + tok.to(tl.int64)[:, None] * s_w1 + h * s_w2
-    _unrotate_store(yk, PI, PI16, rsd, WK, woff, tm, DP, D, DC, PM1, INTERP, sink_ok, sk, tok)
+    woff = dst * s_w0 + tok.to(tl.int64) * s_w1 + h * s_w2
+    _unrotate_store(yk, PI, PI16, rsd, WK, woff, tm, DP, D, DC, PM1, INTERP, sink_row, sk)
 
     yv = _decode_side(CACHE, base, tok, tm, t, dm, CV, CVM, VO0, VW0, VO1, VW1, VO2, VW2, VSO, VC,
                       VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, D)
-    _unrotate_store(yv, PI, PI16, rsd, WV, woff, tm, DP, D, DC, PM1, INTERP, sink_ok, sk + s_k1, tok)
+    _unrotate_store(yv, PI, PI16, rsd, WV, woff, tm, DP, D, DC, PM1, INTERP, sink_row, sk + s_k1)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tq_ws_fill_kernel(KIN, VIN, STG, SRC, DST, ROWS, CSLOT, WK, WV, n,
+                       s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3, s_wt, s_wh,
+                       H: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, TT: tl.constexpr,
+                       FROM_STG: tl.constexpr):
+    """Exact tokens into the workspace: rows DST[i] (flat workspace token, block*B + offset) <- the step's K/V at
+    token SRC[i] (FROM_STG 0), or staging slot CSLOT[ROWS[i]] at offset SRC[i] (FROM_STG 1). TT tokens x all
+    heads per program; HD = next_pow2(H*D). (One launch for what were four torch index copies per pass.)"""
+    i = tl.program_id(0) * TT + tl.arange(0, TT)
+    ok = i < n
+    j = tl.arange(0, HD)
+    hh = j // D
+    dd = j % D
+    m = ok[:, None] & (hh < H)[None, :]
+    src = tl.load(SRC + i, mask=ok, other=0).to(tl.int64)
+    dst = tl.load(DST + i, mask=ok, other=0).to(tl.int64)
+    if FROM_STG:
+        r = tl.load(ROWS + i, mask=ok, other=0)
+        slot = tl.load(CSLOT + r, mask=ok, other=0).to(tl.int64)
+        kp = STG + (slot * s_g0 + src * s_g2)[:, None] + (hh * s_g3 + dd)[None, :]
+        vp = kp + s_g1
+    else:
+        kp = KIN + (src * s_kt)[:, None] + (hh * s_kh + dd)[None, :]
+        vp = VIN + (src * s_vt)[:, None] + (hh * s_vh + dd)[None, :]
+    wo = (dst * s_wt)[:, None] + (hh * s_wh + dd)[None, :]
+    tl.store(WK + wo, tl.load(kp, mask=m).to(WK.dtype.element_ty), mask=m)
+    tl.store(WV + wo, tl.load(vp, mask=m).to(WV.dtype.element_ty), mask=m)
