@@ -30,7 +30,8 @@ from tq_vllm.quant.plan import SlotTable, StepPlan
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
-           "forward_step", "dequantize_blocks", "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton",
+           "forward_step", "dequantize_blocks", "fill_workspace", "FillLists", "prefill_attention", "prefill_mode",
+           "FlashAttentionError", "use_triton",
            "DECODE_TILE", "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
