@@ -97,6 +97,17 @@ def _dequant_case(preset, B, D, H=8):
     K.dequantize_blocks(codec, cache, ids, torch.zeros_like(ids), ws, torch.empty_like(ws), ids)
 
 
+def _fill_case(B, D, H=8, T=512):
+    """One launch per list of the prefill path's workspace fill (exact tokens from the step's K/V and staging)."""
+    from tq_vllm import kernels as K
+    qkv = torch.empty(T, 6 * H * D, dtype=torch.bfloat16)
+    key, value = qkv[:, 4 * H * D:5 * H * D].view(T, H, D), qkv[:, 5 * H * D:].view(T, H, D)
+    staging = torch.empty(4, 2, B, H, D, dtype=torch.bfloat16)
+    ws = torch.empty(64 * B, H, D, dtype=torch.bfloat16)
+    i = torch.zeros(16, dtype=torch.int32)
+    K.fill_workspace(key, value, staging, i, K.FillLists(i, i, i, i, i), ws, torch.empty_like(ws))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
@@ -104,7 +115,7 @@ def main():
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--gqa", type=int, default=4)
-    ap.add_argument("--kernels", default="decode,prefill,store,dequant")
+    ap.add_argument("--kernels", default="decode,prefill,store,dequant,fill")
     ap.add_argument("--ptx", default=None, help="directory to write .ptx/.sass per kernel")
     a = ap.parse_args()
     compiled = install(a.arch)
@@ -119,7 +130,8 @@ def main():
         cases = {"decode": lambda: bd.tq_decode_case(preset, 4, 1000, a.block)[0](),
                  "prefill": lambda: bd.tq_prefill_case(preset, 256, 64, a.block)(),
                  "store": lambda: bd.store_case(preset, 8 * a.block, a.block)[0](),
-                 "dequant": lambda: _dequant_case(preset, a.block, a.head_dim)}
+                 "dequant": lambda: _dequant_case(preset, a.block, a.head_dim),
+                 "fill": lambda: _fill_case(a.block, a.head_dim)}
         for name in a.kernels.split(","):
             compiled.clear()
             cases[name]()
