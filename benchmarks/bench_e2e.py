@@ -160,6 +160,13 @@ class _StepProfiler:
                 self.state = "done"
                 self._summarize(self.count)
 
+    def finish(self) -> None:
+        """Stop a profile the run ended inside of (a run shorter than warm + steps)."""
+        if self.state == "on":
+            self.llm.stop_profile()
+            self.state = "done"
+            self._summarize(self.count)
+
     def _summarize(self, steps: int) -> None:
         sys.path.insert(0, str(HERE))
         import trace_summary as ts
@@ -210,6 +217,8 @@ def measure(kv: str, args) -> dict:
     prof = _StepProfiler(llm, kv, args, 0, f"prefill_{n}x{plen // 1024}k", warm=2, steps=4) if args.profile else None
     wall, *_ = _run_batch(llm, prompts, 1, prof)
     rec["prefill_tok_s"] = round(n * plen / wall, 1)
+    if prof is not None:
+        prof.finish()
 
     if args.prefill_only:
         return _shutdown(llm, rec)
@@ -217,6 +226,8 @@ def measure(kv: str, args) -> dict:
     # the batch: total time, TPOT in the full batch
     prof = _StepProfiler(llm, kv, args, n, f"{n}x{plen // 1024}k") if args.profile else None
     wall, steps, first, last, ntok = _run_batch(llm, prompts, gen, prof)
+    if prof is not None:
+        prof.finish()
     full = [dt for dt, dec in steps if dec == n]
     rec[f"total_s_{n}x{plen // 1024}k"] = round(wall, 2)
     rec[f"tpot_ms_{n}x{plen // 1024}k"] = round(1000 * statistics.median(full), 2) if full else None
@@ -227,6 +238,8 @@ def measure(kv: str, args) -> dict:
     if args.long_len:
         prof = _StepProfiler(llm, kv, args, 1, f"1x{args.long_len // 1024}k") if args.profile else None
         wall, steps, first, last, ntok = _run_batch(llm, [_tokens(args.long_len, 99)], gen, prof)
+        if prof is not None:
+            prof.finish()
         dec = [dt for dt, d in steps if d == 1]
         key = f"{args.long_len // 1024}k"
         rec[f"tpot_ms_{key}"] = round(1000 * statistics.median(dec), 2) if dec else None

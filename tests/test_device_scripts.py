@@ -126,3 +126,54 @@ def test_trace_summary_per_step_busy_idle_and_top_kernels():
     assert [k["name"] for k in s["kernels"]] == ["[kernel] attn", "[kernel] store"]
     assert s["kernels"][0]["count_per_step"] == 1.0 and s["runtime"][0]["count_per_step"] == 1.0
     assert "error" in ts.summarize([{"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 1}], 1)
+
+
+def test_step_profiler_window_and_runs_shorter_than_it(tmp_path, monkeypatch):
+    """bench_e2e's step profiler: starts after `warm` steps with the wanted decode count, stops after `steps` or at a
+    step with another count, and `finish()` closes a profile that the run ended inside of (once)."""
+    import types
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    class FakeLLM:
+        def __init__(self):
+            self.starts = self.stops = 0
+
+        def start_profile(self):
+            self.starts += 1
+
+        def stop_profile(self):
+            self.stops += 1
+
+    args = types.SimpleNamespace(profile=str(tmp_path))
+
+    def make(want, warm, steps):
+        llm = FakeLLM()
+        p = bench_e2e._StepProfiler(llm, "tq4", args, want, "t", warm=warm, steps=steps)
+        monkeypatch.setattr(p, "_summarize", lambda n, p=p: setattr(p, "summarized", n))
+        return llm, p
+
+    llm, p = make(0, 2, 4)  # a prefill run of 3 steps: started at the 2nd, still on when the run ends
+    for _ in range(3):
+        p(0)
+    assert (llm.starts, llm.stops) == (1, 0)
+    p.finish()
+    p.finish()
+    assert (llm.starts, llm.stops, p.summarized) == (1, 1, 1)
+
+    llm, p = make(64, 3, 4)  # decode: a full window stops by itself
+    for d in [10, 64, 64, 64, 64, 64, 64, 64, 64]:
+        p(d)
+    assert (llm.starts, llm.stops, p.summarized) == (1, 1, 4)
+    p.finish()
+    assert llm.stops == 1
+
+    llm, p = make(64, 2, 8)  # a step with another decode count ends the window early
+    for d in [64, 64, 64, 63, 64]:
+        p(d)
+    assert (llm.starts, llm.stops, p.summarized) == (1, 1, 2)
+
+    llm, p = make(0, 2, 4)  # a run of one step never starts
+    p(0)
+    p.finish()
+    assert (llm.starts, llm.stops) == (0, 0)
