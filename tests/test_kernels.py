@@ -220,8 +220,11 @@ def test_head_dim_256_and_long_decode():
     _run_schedule("tq3", 256, 16, 1, 1, torch.bfloat16, sched, seed=5)
 
 
-def test_decode_many_splits_and_unaligned_context():
-    """Decode rows with several split-K partials, contexts not multiples of B, empty splits for short rows."""
+@pytest.mark.parametrize("reduce_rows", [1, 2, 4])
+def test_decode_many_splits_and_unaligned_context(reduce_rows, monkeypatch):
+    """Decode rows with several split-K partials, contexts not multiples of B, empty splits for short rows; the
+    split reduction with 1, 2 or 4 rows per program (3 rows: a partly empty last program)."""
+    monkeypatch.setenv("TQ_VLLM_REDUCE_ROWS", str(reduce_rows))
     D, B, H, G = 64, 16, 2, 4
     codec = LayerCodec("tq4", D, B, device=DEV)
     q, k, v = _seqs(3, 260, H, G, D, torch.bfloat16, seed=11)

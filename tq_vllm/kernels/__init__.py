@@ -45,6 +45,9 @@ STORE_ROWS = 32
 # dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
 # 2026-11-27, decode_variants.jsonl)
 DEQUANT_PAGES = 0
+# decode rows per split-reduction program (TQ_VLLM_REDUCE_ROWS; their heads share one product with Π, read once per
+# program instead of once per row); 1 until measured on a GPU
+REDUCE_ROWS = 1
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -397,9 +400,10 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, **_cfg("DECODE"), **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
-        _launch("reduce", mod._tq_reduce_kernel, (nd, H), (
-            po, pml, tb.rot, plan.query_start_loc, out, 0, out.stride(0), out.stride(1), S + 1), dict(
-            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, **_cfg("REDUCE")))
+        rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
+        _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
+            po, pml, tb.rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1), dict(
+            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:

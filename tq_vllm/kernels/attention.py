@@ -616,44 +616,49 @@ def _tq_attn_kernel(
         tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
 
 
-@triton.jit(do_not_specialize=["NS1"])
-def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, s_ot, s_oh, NS1,
+@triton.jit(do_not_specialize=["NS1", "nd"])
+def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                      S1P: tl.constexpr, DC: tl.constexpr):
-    """Log-sum-exp merge of the split partials of one (decode row, KV head): partials 0..NS1-2 (pages, rotated
-    domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is already unrotated."""
-    i = tl.program_id(0)
+                      S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1):
+    """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
+    0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
+    already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once)."""
     h = tl.program_id(1)
+    n = tl.arange(0, RB * GP)
+    gg = n % GP
+    i = tl.program_id(0) * RB + n // GP  # decode row of each column
     r = row0 + i
-    qs = tl.load(QSL + r)
-    nq = tl.load(QSL + r + 1) - qs
-    if nq <= 0:
-        return
+    iv = i < nd
+    qs = tl.load(QSL + r, mask=iv, other=0)
+    nq = tl.load(QSL + r + 1, mask=iv, other=0) - qs
+    ok = iv & (nq > 0)
     sidx = tl.arange(0, S1P)
-    gg = tl.arange(0, GP)
     sv = sidx < NS1
-    pbase = ((i * H + h) * NS1).to(tl.int64)
-    ml = PML + (pbase + sidx[:, None]) * (2 * GP) + gg[None, :]
-    m_s = tl.load(ml, mask=sv[:, None], other=float("-inf"))
-    l_s = tl.load(ml + GP, mask=sv[:, None], other=0.0)
+    pbase = ((i * H + h) * NS1).to(tl.int64)  # [RG]
+    ml = PML + (pbase[None, :] + sidx[:, None]) * (2 * GP) + gg[None, :]  # [S1P, RG]
+    m2 = sv[:, None] & ok[None, :]
+    m_s = tl.load(ml, mask=m2, other=float("-inf"))
+    l_s = tl.load(ml + GP, mask=m2, other=0.0)
     m = tl.max(m_s, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(m_s - m[None, :])  # [S1P, GP]
-    w = tl.where(sv[:, None], w, 0.0)
+    w = tl.exp2(m_s - m[None, :])  # [S1P, RG]
+    w = tl.where(m2, w, 0.0)
     lt = tl.sum(w * l_s, axis=0)
     lt = tl.where(lt > 0, lt, 1.0)
     dd = tl.arange(0, DP)
     dm = dd < D
-    w_x = tl.sum(tl.where((sidx == NS1 - 1)[:, None], w, 0.0), axis=0)  # [GP] weight of the exact partial
-    out = tl.load(PO + ((pbase + NS1 - 1) * GP + gg[:, None]) * D + dd[None, :], mask=dm[None, :], other=0.0)
+    w_x = tl.sum(tl.where((sidx == NS1 - 1)[:, None], w, 0.0), axis=0)  # [RG] weight of the exact partial
+    out = tl.load(PO + ((pbase + NS1 - 1) * GP + gg)[:, None] * D + dd[None, :], mask=ok[:, None] & dm[None, :],
+                  other=0.0)
     out = out * w_x[:, None]
     wr = tl.where((sidx < NS1 - 1)[:, None], w, 0.0)
     for c in tl.static_range(0, D, DC):
         dc = c + tl.arange(0, DC)
-        po = PO + ((pbase + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
-        o = tl.sum(tl.load(po, mask=(sidx < NS1 - 1)[:, None, None], other=0.0) * wr[:, :, None], axis=0)
+        po = PO + ((pbase[None, :, None] + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
+        o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & ok[None, :])[:, :, None], other=0.0)
+                   * wr[:, :, None], axis=0)  # [RG, DC]
         pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
         out += tl.dot(o, pr, input_precision="ieee")
     out = out / lt[:, None]
-    optr = OUT + qs.to(tl.int64) * s_ot + (h * G + gg[:, None]) * s_oh + dd[None, :]
-    tl.store(optr, out.to(OUT.dtype.element_ty), mask=(gg[:, None] < G) & dm[None, :])
+    optr = OUT + qs.to(tl.int64)[:, None] * s_ot + (h * G + gg)[:, None] * s_oh + dd[None, :]
+    tl.store(optr, out.to(OUT.dtype.element_ty), mask=(ok & (gg < G))[:, None] & dm[None, :])
