@@ -107,6 +107,19 @@ STORE_CASES = [("tq4", 64, 16), ("tq3", 64, 32), ("tq35", 96, 16), ("tq25", 64, 
 @pytest.mark.parametrize("preset,D,B", STORE_CASES)
 def test_store_matches_reference(preset, D, B):
     """Chunk that completes blocks from staging + input (ctx % B != 0), padded qb list (graph style)."""
+    _check_store(preset, D, B)
+
+
+@pytest.mark.parametrize("preset,D,B", [("tq4", 64, 32), ("tq3", 128, 64), ("tq4-prod", 64, 32), ("tq25", 64, 64)])
+def test_store_sub_tiles_in_parallel_match_reference(preset, D, B, monkeypatch):
+    """TQ_VLLM_STORE_PAR=1 with 16-row sub-tiles: a block's sub-tiles coded by separate programs (each computes the
+    block mean from the whole block; sub-tile 0 writes mean, sink tag and padding) give the reference's pages."""
+    monkeypatch.setenv("TQ_VLLM_STORE_PAR", "1")
+    monkeypatch.setenv("TQ_VLLM_STORE_ROWS", "16")
+    _check_store(preset, D, B)
+
+
+def _check_store(preset, D, B):
     torch.manual_seed(_seed(preset, D, B))
     H = 2
     codec = LayerCodec(preset, D, B, layer_index=1, device=DEV)

@@ -262,6 +262,7 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     NBLK = max(1, rows // BP)
     kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
     cmp_codes = os.environ.get("TQ_VLLM_STORE_CMP", "1") == "1"  # codes <= 4 bits by counting boundaries
+    par = os.environ.get("TQ_VLLM_STORE_PAR", "0") == "1" and NSUB > 1  # a block's sub-tiles in parallel programs
     mod = _kmod("store")
     for t in (key, value):
         assert t.stride(-1) == 1
@@ -269,13 +270,13 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     bt = plan.block_table
     pi16, pm1, rsd = tb.rot_for(key.dtype)
     skv, stag, nsink, sst, has_sink = _sink_args(sink, key.device, key.dtype)
-    _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK), H, 2 if kvsplit else 1), (
+    _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK) * (NSUB if par else 1), H, 2 if kvsplit else 1), (
         key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot, plan.qb_row,
         plan.qb_idx, tb.rot, pi16, tb.qjl, tb.bnd["k"], tb.bnd["v"], tb.bnd["k_mean"], tb.bnd["v_mean"], tb.c32["k"],
         tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd, nsink,
-        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"], KVSPLIT=kvsplit, CMP=cmp_codes,
+        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"], KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
         **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
 

@@ -150,8 +150,10 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 W2: tl.constexpr, SO: tl.constexpr,
                 CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
                 MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
-                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr):
-    """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1).
+                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr, sb_lo, sb_hi):
+    """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1, of
+    which this program codes [sb_lo, sb_hi): the per-block mean is computed from the whole block either way and
+    written by the program that codes sub-tile 0).
     Per-row vectors [NBLK*TS]: qs, ctx, blk0 (first position of the row's block), tvalid0 (block valid),
     STG_ROW (staging slot pointer), PAGE_ROW (page base pointer); per block [NBLK]: PAGE_B, bval."""
     di = tl.arange(0, DP)
@@ -182,11 +184,12 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
         mean = ysum / B  # [NBLK, DP]
         mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP)
         mhat = ms[:, None] * mc  # [NBLK, DP]
-        _put_codes(PAGE_B, mcode, bsel * 0, bval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
-        _put_bf16(PAGE_B, MSO, bsel * 0, ms, bval)
+        mval = bval & (bsel * 0 + sb_lo == 0)
+        _put_codes(PAGE_B, mcode, bsel * 0, mval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
+        _put_bf16(PAGE_B, MSO, bsel * 0, ms, mval)
         if NSUB == 1:
             mrow = tl.reshape(tl.broadcast_to(mhat[:, None, :], [NBLK, TS, DP]), [NR, DP])
-    for sb in range(NSUB):
+    for sb in range(sb_lo, sb_hi):
         tok = sb * TS + ts
         tvalid = tvalid0 & (tok < B)
         if CENTER and NSUB == 1:
@@ -234,12 +237,21 @@ def _tq_store_kernel(
     VMO2: tl.constexpr, VMW2: tl.constexpr, VMSO: tl.constexpr,
     PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, NR: tl.constexpr, PADR: tl.constexpr,
     PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
-    KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False,
+    KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False, PAR: tl.constexpr = False,
 ):
-    """Program (group of NBLK entries of the completed-block list, KV head[, kind when KVSPLIT]); NR = NBLK*TS rows.
-    KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink fields and padding, 1 = V),
-    which halves the latency of a program (a decode step stores a few blocks: latency, not throughput)."""
-    gi = tl.program_id(0)
+    """Program (group of NBLK entries of the completed-block list[, sub-tile when PAR], KV head[, kind when
+    KVSPLIT]); NR = NBLK*TS rows. KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink
+    fields and padding, 1 = V), which halves the latency of a program (a decode step stores a few blocks: latency,
+    not throughput). PAR: the NSUB sub-tiles of a block are coded by NSUB programs (axis 0) instead of in sequence;
+    each computes the block mean from the whole block, sub-tile 0 writes the per-block fields."""
+    if PAR:
+        gi = tl.program_id(0) // NSUB
+        sb_lo = tl.program_id(0) % NSUB
+        sb_hi = sb_lo + 1
+    else:
+        gi = tl.program_id(0)
+        sb_lo = 0
+        sb_hi = NSUB
     h = tl.program_id(1)
     kind = tl.program_id(2)
     n = tl.arange(0, NR)
@@ -268,7 +280,7 @@ def _tq_store_kernel(
     bb = tl.load(QBI + eb, mask=bval, other=0)
     blkb = tl.load(BT + rb.to(tl.int64) * s_bt + bb, mask=bval, other=0).to(tl.int64)
     page_b = CACHE + (blkb * H + h) * PAGE
-    if SINK and kind == 0:
+    if SINK and kind == 0 and sb_lo == 0:
         # first block of a sequence: content tag of its exact token 0 (codec.sink_tags), 0 in other pages
         first = bval & (bb == 0)
         qsb = tl.load(QSL + rb, mask=bval, other=0)
@@ -311,12 +323,13 @@ def _tq_store_kernel(
     if kind == 0:
         _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
                     CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
-                    KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP)
+                    KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP, sb_lo, sb_hi)
     if kind == 1 or not KVSPLIT:
         _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd,
                     SQ, BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1,
-                    VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP)
-    if PAGE > USED and kind == 0:
+                    VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP,
+                    sb_lo, sb_hi)
+    if PAGE > USED and kind == 0 and sb_lo == 0:
         # zero padding of each block's head page (each row zeroes a slice)
         pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
         tl.store(page[:, None] + USED + pz, tl.zeros([NR, PADR], dtype=tl.uint8),
