@@ -275,6 +275,11 @@ def flash_attn_fn():
             ver = 3 if is_fa_version_supported(3) else 2
 
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            import inspect
+            try:  # (a build whose function hides its signature just keeps FlashAttention's own split choice)
+                has_splits = "num_splits" in inspect.signature(flash_attn_varlen_func).parameters
+            except (TypeError, ValueError):
+                has_splits = False
 
             def fn(q, kc, vc, cu_q, max_q, seqused_k, max_k, bt, scale, causal, out=None):
                 # split-KV count: none once the segments alone fill the GPU (a fresh prompt has one per block;
@@ -283,10 +288,11 @@ def flash_attn_fn():
                 ns = int(os.environ.get("TQ_VLLM_PREFILL_SPLITS", "-1"))
                 if ns < 0:
                     ns = 1 if bt.shape[0] >= sms else 0
+                extra = {"num_splits": ns} if has_splits and ns else {}
                 return flash_attn_varlen_func(q=q, k=kc, v=vc, max_seqlen_q=max_q, cu_seqlens_q=cu_q,
                                               max_seqlen_k=max_k, seqused_k=seqused_k, softmax_scale=scale,
                                               causal=causal, block_table=bt, return_softmax_lse=True, out=out,
-                                              fa_version=ver, num_splits=ns)
+                                              fa_version=ver, **extra)
     except Exception:  # noqa: BLE001 - no CUDA build of vLLM's FlashAttention: the Triton prefill kernel is used
         fn = None
     _FA["fn"] = fn
