@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device side (GPU), after `source .stage/bin/stage.sh`: kernel correctness on the GPU, then the decode benchmark
-# with the launch variants timed first on the same inputs. Everything lands in $OUT. Usage:
+# with the launch variants timed first on the same inputs (VARIANTS, PVARIANTS; STORE_VARIANTS adds bench_store.py).
+# Everything lands in $OUT. Usage:
 #   bash scripts/device/kernels.sh [seconds for the tests] [seconds for the benchmark]
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,3 +21,10 @@ timeout "$T_BENCH" python3 benchmarks/bench_decode.py --out "$OUT" --block-size 
   --prefill-variants "$PVARIANTS" --pick ${BENCH_ARGS:---vllm-tq-quick} > "$OUT/bench_decode.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench_decode.log"
 grep -v "^variant {" "$OUT/bench_decode.log" | tail -70
+# store launch variants on the same inputs (bench_store.py), when asked: STORE_VARIANTS="new:;par16:STORE_PAR=1 ..."
+if [ -n "${STORE_VARIANTS:-}" ]; then
+  timeout "${T_STORE:-120}" python3 benchmarks/bench_store.py --preset tq4 tq3 --variants "$STORE_VARIANTS" \
+    --out "$OUT/store.jsonl" > "$OUT/bench_store.log" 2>&1
+  echo "store rc=$?" >> "$OUT/bench_store.log"
+  tail -6 "$OUT/bench_store.log"
+fi
