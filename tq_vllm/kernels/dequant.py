@@ -94,11 +94,11 @@ def _tq_dequant_kernel(
     slot0 = tok * 0
     if SINK:
         # token 0 of a first block is exact when the page's tag matches the sink table's entry
-        first = tl.load(FIRST + i, mask=pv, other=0) != 0
+        first = (tl.load(FIRST + i, mask=pv & (tok == 0), other=0) != 0) & (tok == 0)  # token-0 rows only
         tag = tl.load((CACHE + base + SINKO).to(tl.pointer_type(tl.int64)), mask=first, other=0)
         slot0 = ((tag % n_sink) + n_sink) % n_sink
         ttag = tl.load(STAG + slot0 * H + h, mask=first & (tag != 0), other=0)
-        sink_row = first & (tag != 0) & (ttag == tag) & (tok == 0) & tm
+        sink_row = first & (tag != 0) & (ttag == tag) & tm
     sk = SKV + slot0 * s_k0 + h * s_k2  # [NR] pointers
 
     yk = _decode_side(CACHE, base, tok, tm, t, dm, CK, CKM, KO0, KW0, KO1, KW1, KO2, KW2, KSO, KC,
