@@ -177,3 +177,14 @@ def test_step_profiler_window_and_runs_shorter_than_it(tmp_path, monkeypatch):
     p(0)
     p.finish()
     assert (llm.starts, llm.stops) == (0, 0)
+
+
+def test_ab_kernels_refuses_this_tree_and_trees_without_the_package(tmp_path):
+    """ab_kernels.sh replaces OLD_TREE's benchmarks/ and tests/: it must refuse the tree it runs in (and a
+    directory that is not a tq_vllm tree) before touching anything."""
+    for old in (str(ROOT), str(tmp_path)):
+        p = subprocess.run(["bash", str(DEV / "ab_kernels.sh"), old], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OUT": str(tmp_path / "out")})
+        assert p.returncode == 2 and "must be another tree" in p.stderr, (old, p.stderr)
+    assert (ROOT / "tests" / "test_device_scripts.py").exists() and (ROOT / "benchmarks" / "bench_decode.py").exists()
+    assert not (tmp_path / "out").exists()

@@ -10,11 +10,15 @@
 set -u
 OLD=${1:?usage: ab_kernels.sh OLD_TREE [seconds per benchmark]}
 T=${2:-200}
+NEW=$PWD
+OLD=$(cd "$OLD" && pwd) || exit 2
+if [ "$OLD" = "$NEW" ] || [ ! -d "$OLD/tq_vllm" ]; then
+  echo "ab_kernels.sh: $OLD must be another tree holding tq_vllm/ (its benchmarks/ and tests/ are replaced)" >&2
+  exit 2
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/pyt .whl/*.whl >/dev/null 2>&1
 VARIANTS=${VARIANTS:-"default:"}
-NEW=$PWD
-OLD=$(cd "$OLD" && pwd)
 rm -rf "$OLD/benchmarks" "$OLD/tests" && cp -r benchmarks tests "$OLD/"
 for side in old new; do
   if [ "$side" = old ]; then tree=$OLD; else tree=$NEW; fi
