@@ -458,6 +458,8 @@ def main():
     ap.add_argument("--pick", action="store_true", help="run the grid with the variant fastest at 32 x 32K (tq4)")
     ap.add_argument("--variants-only", action="store_true")
     ap.add_argument("--variant-presets", default="tq4", help="presets the --variants are timed for")
+    ap.add_argument("--variant-shapes", default="32x32768,8x8192,1x1024",
+                    help='(rows x context) shapes of the --variants, e.g. "64x8192,32x32768"')
     ap.add_argument("--prefill-variants", default=None, help="prefill variants, same syntax (2K chunk over 32K)")
     ap.add_argument("--prefill-shapes", default="32768:2048",
                     help='(prefix:chunk) shapes of the prefill variants, e.g. "32768:2048,0:16384"')
@@ -466,7 +468,8 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.variants:
-        vrows = variants(args.variants, tuple(args.variant_presets.split(",")), B=args.block_size[0])
+        vshapes = tuple(tuple(int(x) for x in sh.split("x")) for sh in args.variant_shapes.split(","))
+        vrows = variants(args.variants, tuple(args.variant_presets.split(",")), B=args.block_size[0], shapes=vshapes)
         with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
             for r in vrows:
                 f.write(json.dumps(r) + "\n")

@@ -228,6 +228,65 @@ def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, monkeypat
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
+@pytest.mark.parametrize("lz", ["0", "1"])
+def test_grid_path_lazy_sums_over_many_tiles(lz, monkeypatch):
+    """The attention kernel with and without LZ (column sums kept per token row across page tiles, the value-scale
+    maximum inside the score-maximum reduction) on the 4-bit grid path: small page tiles (many per split), value
+    magnitudes that change by 10^4 between tiles, 1 and 3 splits, decode and chunked prefill rows."""
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    monkeypatch.setenv("TQ_VLLM_DECODE_LZ", lz)
+    monkeypatch.setenv("TQ_VLLM_PREFILL_LZ", lz)
+    monkeypatch.setenv("TQ_VLLM_DECODE_TILE", "32")
+    monkeypatch.setenv("TQ_VLLM_PREFILL_TILE", "32")
+    D, B, H, G = 64, 16, 2, 4
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    assert K._lz("DECODE", K._lut_modes(codec, torch.device(DEV), 2, 2)) == int(lz)
+    q, k, v = _seqs(3, 300, H, G, D, torch.bfloat16, seed=_seed("lz", lz))
+    g = torch.Generator().manual_seed(_seed("lz-scale", lz))
+    for i in v:  # per-32-token magnitude from 1e-2 to 1e2
+        mag = 10.0 ** (torch.rand(300 // 32 + 1, generator=g) * 4 - 2)
+        v[i] = (v[i].float() * mag.repeat_interleave(32)[:300, None, None]).to(torch.bfloat16)
+    base = PagedSim(codec, H, num_blocks=96, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    base.step(ref.forward_step, [(0, 230), (1, 150), (2, 90)], q, k, v, scale)
+    for nsplit in (1, 3):
+        sim = copy.deepcopy(base)
+
+        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=2), num_splits=nsplit)
+            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
+            out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
+                              sink=sink)
+            exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+            assert not torch.isnan(out).any()
+            assert _rel(out, exp) < 8e-3, nsplit
+            return exp
+
+        sim.step(op, [(0, 1), (1, 1), (2, 40)], q, k, v, scale)
+
+
+def test_choose_splits_waves_and_tiles():
+    """Split counts: at most 64; large batches keep at most 3 waves of 4 programs per SM and >= 8 tiles a split
+    (unless the small-batch rule asks for more); small batches fill the GPU twice over with >= 2 tiles a split."""
+    from tq_vllm.kernels.params import choose_splits
+    g = torch.Generator().manual_seed(_seed("splits"))
+    for _ in range(300):
+        R, H = (int(x) for x in torch.randint(1, 129, (2,), generator=g))
+        L = int(torch.randint(1, 131072, (1,), generator=g))
+        sms = int(torch.randint(8, 200, (1,), generator=g))
+        S = choose_splits(R, H, L, 128, sms)
+        tiles = -(-L // 128)
+        small = min(-(-2 * sms // (R * H)), -(-tiles // 2))
+        assert 1 <= S <= 64
+        assert S >= min(small, 64)
+        if S > max(small, 1):  # chosen by the large-batch rule
+            assert R * H * S <= 3 * 4 * sms and tiles // S >= 8, (R, H, L, sms, S)
+    assert choose_splits(0, 8, 1000, 128, 132) == 1
+    assert [choose_splits(R, 8, L, 128, 132) for R, L in ((64, 8448), (32, 32768), (8, 8192), (1, 1024))] == \
+        [3, 6, 8, 4]  # the shapes timed in the docstring
+
+
 def test_head_dim_256_and_long_decode():
     sched = [[(0, 70)], [(0, 1)], [(0, 1)], [(0, 30), (1, 3)]]
     _run_schedule("tq3", 256, 16, 1, 1, torch.bfloat16, sched, seed=5)

@@ -136,6 +136,11 @@ def _qrot(Q, qoff, mvalid, MAT, R: tl.constexpr, r: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _max2(a, b, c, d):
+    return tl.maximum(a, c), tl.maximum(b, d)
+
+
+@triton.jit
 def _lut(C16, code):
     return tl.load(C16 + code)
 
@@ -274,7 +279,7 @@ def _tq_attn_kernel(
     FUSED: tl.constexpr, DC: tl.constexpr, M: tl.constexpr, NR: tl.constexpr,
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
-    H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0,
+    H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -306,6 +311,12 @@ def _tq_attn_kernel(
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
+    if LZ:
+        # LZ: the page loop's column sums (softmax denominator, grid-offset correction) stay per token row and are
+        # summed across warps once after the loop, and the tile's value-scale maximum rides in the score-maximum
+        # reduction: each cross-warp reduction costs the program's warps a barrier round per tile
+        l_acc = tl.zeros([NR, M], dtype=tl.float32)
+        s_acc = tl.zeros([NR, M], dtype=tl.float32)
     acc0 = tl.zeros([XV, M], dtype=tl.float32)
     if RV > 1:
         acc1 = tl.zeros([XV, M], dtype=tl.float32)
@@ -397,9 +408,16 @@ def _tq_attn_kernel(
             jpage = pg * TP + tp
             tok = sub * BPS + bb
             rvalid = (jpage < n_pages) & (tok < B)
-            blk = tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64)
-            base = (blk * H + h) * PAGE
-            b2 = base[:, None]
+            if LZ:
+                # page bases loaded in the two shapes the code loads use (no layout conversion between them)
+                b2 = (tl.load(bt_row + jpage[:, None], mask=rvalid[:, None], other=0).to(tl.int64) * H + h) * PAGE
+                bT = (tl.load(bt_row + jpage[None, :], mask=rvalid[None, :], other=0).to(tl.int64) * H + h) * PAGE
+                if PROD:
+                    base = (tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64) * H + h) * PAGE
+            else:
+                base = (tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64) * H + h) * PAGE
+                b2 = base[:, None]
+                bT = base[None, :]
             t2 = tok[:, None]
             m2 = rvalid[:, None]
             if not PF:
@@ -449,27 +467,41 @@ def _tq_attn_kernel(
                 vis = vis & ~(sink_v & (jpage == 0) & (tok == 0))[:, None]
             sc = tl.where(vis, sc, float("-inf"))
             # ---- online softmax over the token axis ----
-            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            if LZ:
+                t_max, vmx = tl.reduce((sc, tl.broadcast_to(tl.abs(vsc)[:, None], [NR, M])), 0, _max2)
+                m_new = tl.maximum(m_i, t_max)
+            else:
+                m_new = tl.maximum(m_i, tl.max(sc, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(sc - m_use[None, :])  # [NR, M]
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            if LZ:
+                l_acc = l_acc * alpha[None, :] + p
+            else:
+                l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
             # ---- values: per-token scale folded into P (normalised to keep fp16 in range) ----
-            vmx = tl.max(tl.abs(vsc), axis=0)
-            vmx = tl.where(vmx > 0, vmx, 1.0)
-            pv = (p * (vsc / vmx)[:, None]).to(tl.float16)
+            if LZ:
+                vmx = tl.where(vmx > 0, vmx, 1.0)  # [M], the same in every column
+                pv = (p * vsc[:, None] / vmx[None, :]).to(tl.float16)
+            else:
+                vmx = tl.max(tl.abs(vsc), axis=0)
+                vmx = tl.where(vmx > 0, vmx, 1.0)
+                pv = (p * (vsc / vmx)[:, None]).to(tl.float16)
             if VC:
                 vmm = tl.max(tl.abs(vms), axis=0)
                 vmm = tl.where(vmm > 0, vmm, 1.0)
                 vms_t = tl.reshape(tl.broadcast_to((vms / vmm)[:, None], [TP, BPS]), [NR])
                 pm = (p * vms_t[:, None]).to(tl.float16)
-            bT = base[None, :]
             tokT = tok[None, :]
             mT = rvalid[None, :] & tVmT
             v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
                                           VMODE, VASM, rvalid[None, :], XV * H1J, 0)
-            if VMODE == 1:  # grid codes (R == 2): remove GOFF·Σpv, with the fp16 pv the dots see
+            if VMODE == 1 and LZ:  # grid codes (R == 2): GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
+                s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
+                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
+                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
+            elif VMODE == 1:  # grid codes (R == 2): remove GOFF·Σpv, with the fp16 pv the dots see
                 vcs = tl.sum(pv.to(tl.float32), axis=0) * GOFF
                 acc0 = acc0 * alpha[None, :] + (tl.dot(v0_, pv) - vcs[None, :]) * (vmx * VDEL)
                 acc1 = acc1 * alpha[None, :] + (tl.dot(v1_, pv) - vcs[None, :]) * (vmx * VDEL)
@@ -495,6 +527,12 @@ def _tq_attn_kernel(
                     RV, D, KSO, VSO, KC, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, VC, VMO0, VMW0, VMO1, VMW1, VMO2,
                     VMW2, VMSO)
                 sb_n, spb_n = _tile_bases(bt_row, it + 2, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
+        if LZ:
+            l_i = tl.sum(l_acc, axis=0)
+            if VMODE == 1:
+                vcs = tl.sum(s_acc, axis=0) * (GOFF * VDEL)
+                acc0 -= vcs[None, :]
+                acc1 -= vcs[None, :]
 
     # ---- own blocks, exact: staging (positions < ctx) and this step's K/V (positions >= ctx) ----
     cslot = tl.load(CSLOT + r).to(tl.int64)
@@ -538,7 +576,7 @@ def _tq_attn_kernel(
                     acc3 = acc3 * alpha[None, :] + tl.sum(pr * v0[None, :], axis=1)[:, None] * p0[None, :]
             else:
                 accx = accx * alpha[None, :] + v0[:, None] * p0[None, :]
-    for k0 in range(e_lo, p_max + 1, NE):
+    for k0 in tl.range(e_lo, p_max + 1, NE, num_stages=1):  # runs once per decode row: no pipelining buffers
         kk = k0 + tl.arange(0, NE)
         kval = kk <= p_max
         st_ok = kval & (kk < ctx)

@@ -164,11 +164,18 @@ def num_sms(device_index: int) -> int:
 
 
 def choose_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, tile_tokens: int, sms: int,
-                  factor: float = 2.0) -> int:
-    """Split-K count of the decode launch: enough programs to fill the GPU `factor` times, at least 2 tiles a
-    split. Depends only on host ints (CUDA-graph safe)."""
+                  factor: float = 2.0, per_sm: int = 4, waves: int = 3, min_tiles: int = 8) -> int:
+    """Split-K count of the decode launch (host ints only: CUDA-graph safe), the larger of
+    * small batches: enough programs to fill the GPU `factor` times, at least 2 tiles a split;
+    * large batches: up to `waves` full waves of `per_sm` programs per SM (the decode kernel's occupancy at its
+      128-register cap), at least `min_tiles` tiles a split.
+    Measured on an H200 (tq4, B=32, 2026-11-27, decode_variants.jsonl): at 64 x 8K 1/2/3/4 splits took
+    0.3818/0.3784/0.3769/0.3828 ms, at 32 x 32K 2/3/4/6/8 took 0.7197/0.7447/0.7111/0.7060/0.7067 (a part-filled
+    wave costs: 3 splits = 1.45 waves), at 8 x 8K 5/8/12/16 took 0.076/0.0646/0.0783/0.0704."""
     if num_rows <= 0:
         return 1
-    want = math.ceil(factor * sms / max(1, num_rows * num_kv_heads))
+    pairs = max(1, num_rows * num_kv_heads)
     tiles = max(1, math.ceil(max_seq_len / tile_tokens))
-    return int(max(1, min(want, math.ceil(tiles / 2), 64)))
+    small = min(math.ceil(factor * sms / pairs), math.ceil(tiles / 2))
+    large = min((waves * per_sm * sms) // pairs, tiles // min_tiles)
+    return int(max(1, min(max(small, large), 64)))
