@@ -228,6 +228,22 @@ def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, monkeypat
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
+def _split_attention_op(H, G, num_decode_rows, nsplit):
+    """A PagedSim step op: the reference store, then the Triton attention with `nsplit` decode splits into a
+    NaN-poisoned output, checked against the reference attention (which the step keeps)."""
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=num_decode_rows), num_splits=nsplit)
+        ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
+        out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+        K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
+                          sink=sink)
+        exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+        assert not torch.isnan(out).any()
+        assert _rel(out, exp) < 8e-3, nsplit
+        return exp
+    return op
+
+
 @pytest.mark.parametrize("lz", ["0", "1"])
 def test_grid_path_lazy_sums_over_many_tiles(lz, monkeypatch):
     """The attention kernel with and without LZ (column sums kept per token row across page tiles, the value-scale
@@ -250,20 +266,7 @@ def test_grid_path_lazy_sums_over_many_tiles(lz, monkeypatch):
     scale = D ** -0.5
     base.step(ref.forward_step, [(0, 230), (1, 150), (2, 90)], q, k, v, scale)
     for nsplit in (1, 3):
-        sim = copy.deepcopy(base)
-
-        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
-            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=2), num_splits=nsplit)
-            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
-            out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
-            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
-                              sink=sink)
-            exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
-            assert not torch.isnan(out).any()
-            assert _rel(out, exp) < 8e-3, nsplit
-            return exp
-
-        sim.step(op, [(0, 1), (1, 1), (2, 40)], q, k, v, scale)
+        copy.deepcopy(base).step(_split_attention_op(H, G, 2, nsplit), [(0, 1), (1, 1), (2, 40)], q, k, v, scale)
 
 
 def test_choose_splits_waves_and_tiles():
@@ -304,20 +307,7 @@ def test_decode_many_splits_and_unaligned_context(reduce_rows, monkeypatch):
     scale = D ** -0.5
     base.step(ref.forward_step, [(0, 203), (1, 7), (2, 100)], q, k, v, scale)
     for nsplit in (1, 3, 7):
-        sim = copy.deepcopy(base)
-
-        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
-            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=3), num_splits=nsplit)
-            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
-            out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
-            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
-                              sink=sink)
-            exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
-            assert not torch.isnan(out).any()
-            assert _rel(out, exp) < 8e-3, nsplit
-            return exp
-
-        sim.step(op, [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+        copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
 
 
 def test_matches_naive_decode_semantics_chunked():
