@@ -269,6 +269,16 @@ def test_grid_path_lazy_sums_over_many_tiles(lz, monkeypatch):
         copy.deepcopy(base).step(_split_attention_op(H, G, 2, nsplit), [(0, 1), (1, 1), (2, 40)], q, k, v, scale)
 
 
+def test_lz_defaults(monkeypatch):
+    """LZ by default only in decode over 4-bit grid values; the environment overrides either way."""
+    for k in ("TQ_VLLM_DECODE_LZ", "TQ_VLLM_PREFILL_LZ"):
+        monkeypatch.delenv(k, raising=False)
+    assert [K._lz(n, {"VMODE": m}) for n in ("DECODE", "PREFILL") for m in (0, 1, 2)] == [0, 1, 0, 0, 0, 0]
+    monkeypatch.setenv("TQ_VLLM_DECODE_LZ", "0")
+    monkeypatch.setenv("TQ_VLLM_PREFILL_LZ", "1")
+    assert (K._lz("DECODE", {"VMODE": 1}), K._lz("PREFILL", {"VMODE": 0})) == (0, 1)
+
+
 def test_choose_splits_waves_and_tiles():
     """Split counts: at most 64; large batches keep at most 3 waves of 4 programs per SM and >= 8 tiles a split
     (unless the small-batch rule asks for more); small batches fill the GPU twice over with >= 2 tiles a split."""

@@ -98,11 +98,15 @@ def _launch(name, kernel, grid, args, kwargs, fallbacks=()):
 
 def _lz(name: str, kw: dict) -> int:
     """LZ of the attention kernel (attention.py: the page loop's column sums kept per row, the value-scale maximum
-    merged into the score maximum; fewer cross-warp reductions per tile). On for 4-bit grid values, where it
+    merged into the score maximum; fewer cross-warp reductions per tile). Decode: on for 4-bit grid values, where it
     also removes the per-tile grid-offset sum: 0.3816 -> 0.3631 ms at 64 x 8K, 0.7193 -> 0.6838 at 32 x 32K (tq4);
-    tq3 1 % slower with it (H200, 2026-11-27, decode_variants.jsonl). TQ_VLLM_<NAME>_LZ=0/1 overrides."""
+    tq3 1 % slower with it (H200, 2026-11-27, decode_variants.jsonl). Fused prefill: off (its 64 score columns
+    would keep two [128, 64] fp32 row sums per program in a kernel that already spills; not timed).
+    TQ_VLLM_<NAME>_LZ=0/1 overrides."""
     v = os.environ.get(f"TQ_VLLM_{name}_LZ")
-    return int(v) if v else int(kw.get("VMODE") == 1)
+    if v:
+        return int(v)
+    return int(name == "DECODE" and kw.get("VMODE") == 1)
 
 
 def _cfg(name: str):
