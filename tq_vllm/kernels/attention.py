@@ -203,6 +203,12 @@ def _dec_raw(b0, b1, b2, t, C16, R: tl.constexpr, W0: tl.constexpr, W1: tl.const
 
 
 @triton.jit
+def _page_base(BT_ROW, jpage, valid, h, H: tl.constexpr, PAGE: tl.constexpr):
+    """Byte offset of head h's page for block-table entries `jpage` of a row (0 where not valid); any shape."""
+    return (tl.load(BT_ROW + jpage, mask=valid, other=0).to(tl.int64) * H + h) * PAGE
+
+
+@triton.jit
 def _tile_bases(BT_ROW, it, t_hi, n_pages, h, tp, bb, pp, H: tl.constexpr, PAGE: tl.constexpr, B: tl.constexpr,
                 TP: tl.constexpr, BPS: tl.constexpr, SUBT: tl.constexpr):
     """Page base offsets of page tile `it` (0 where masked): per token row [NR] and per page [TP]."""
@@ -210,11 +216,9 @@ def _tile_bases(BT_ROW, it, t_hi, n_pages, h, tp, bb, pp, H: tl.constexpr, PAGE:
     jpage = pg * TP + tp
     tok = (it % SUBT) * BPS + bb
     rvalid = (jpage < n_pages) & (tok < B) & (jpage * 0 + it < t_hi)  # (block-shaped: the interpreter needs it)
-    blk = tl.load(BT_ROW + jpage, mask=rvalid, other=0).to(tl.int64)
     jp = pg * TP + pp
     pvalid = (jp < n_pages) & (jp * 0 + it < t_hi)
-    pblk = tl.load(BT_ROW + jp, mask=pvalid, other=0).to(tl.int64)
-    return (blk * H + h) * PAGE, (pblk * H + h) * PAGE
+    return _page_base(BT_ROW, jpage, rvalid, h, H, PAGE), _page_base(BT_ROW, jp, pvalid, h, H, PAGE)
 
 
 @triton.jit
@@ -410,12 +414,12 @@ def _tq_attn_kernel(
             rvalid = (jpage < n_pages) & (tok < B)
             if LZ:
                 # page bases loaded in the two shapes the code loads use (no layout conversion between them)
-                b2 = (tl.load(bt_row + jpage[:, None], mask=rvalid[:, None], other=0).to(tl.int64) * H + h) * PAGE
-                bT = (tl.load(bt_row + jpage[None, :], mask=rvalid[None, :], other=0).to(tl.int64) * H + h) * PAGE
+                b2 = _page_base(bt_row, jpage[:, None], rvalid[:, None], h, H, PAGE)
+                bT = _page_base(bt_row, jpage[None, :], rvalid[None, :], h, H, PAGE)
                 if PROD:
-                    base = (tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64) * H + h) * PAGE
+                    base = _page_base(bt_row, jpage, rvalid, h, H, PAGE)
             else:
-                base = (tl.load(bt_row + jpage, mask=rvalid, other=0).to(tl.int64) * H + h) * PAGE
+                base = _page_base(bt_row, jpage, rvalid, h, H, PAGE)
                 b2 = base[:, None]
                 bT = base[None, :]
             t2 = tok[:, None]
