@@ -305,6 +305,9 @@ def main(argv=None) -> int:
             rec["check_only"] = True
         if args.prefill_only:
             rec["prefill_only"] = True
+        knobs = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TQ_VLLM_") and k != "TQ_VLLM_CACHE"}
+        if knobs:  # a variant of the defaults (kernels' switches)
+            rec["env"] = knobs
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:

@@ -29,8 +29,11 @@ GPU_ENGINES = {
     "A": dict(enable_prefix_caching=True, max_num_batched_tokens=64, num_gpu_blocks_override=48,
               disable_log_stats=False, **TQ),
     "B": dict(enable_prefix_caching=False, max_num_batched_tokens=64, **TQ),
-    "C": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, **TQ),  # CUDA graphs (vLLM default)
-    "E": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, enforce_eager=True, **TQ),
+    # CUDA graphs (vLLM default), each decode step's store beside its attention (at any row count)
+    "C": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, **TQ, env={"TQ_VLLM_STORE_OVERLAP": "1"}),
+    # eager, and each decode step's store before its attention (C's runs beside it, on a second stream)
+    "E": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, enforce_eager=True, **TQ,
+              env={"TQ_VLLM_STORE_OVERLAP": "0"}),
     "S": dict(enable_prefix_caching=False, max_num_batched_tokens=4096, **TQ,
               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
                                   "prompt_lookup_min": 1}),
@@ -52,15 +55,24 @@ def _engine(model, **kw):
     return LLM(model, **args)
 
 
-def _run(model, work, **kw):
-    llm = _engine(model, **kw)
+def _run(model, work, env=None, **kw):
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # before the engine process is spawned
     try:
-        res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
-        if not kw.get("disable_log_stats", True):
-            res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        return res
+        llm = _engine(model, **kw)
+        try:
+            res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
+            if not kw.get("disable_log_stats", True):
+                res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+            return res
+        finally:
+            te._close(llm)
     finally:
-        te._close(llm)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _generate(llm, prompt_lists, max_tokens=te.MAX_TOKENS):
@@ -113,7 +125,7 @@ def test_chunked_prefill_vs_not(runs):
 
 
 def test_cuda_graphs_vs_eager(runs):
-    _assert_close_runs(runs["E"]["out"], runs["C"]["out"], "CUDA graphs vs eager")
+    _assert_close_runs(runs["E"]["out"], runs["C"]["out"], "CUDA graphs and the store beside the attention vs eager")
 
 
 def test_speculative_decoding(runs):

@@ -350,6 +350,59 @@ def test_sink_table_miss_falls_back_to_codes():
         assert _rel(oa[rid], ob[rid]) < 8e-3
 
 
+def _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
+    """The reference in the kernels' order of effects: with the store beside the attention (every row decodes one
+    token and TQ_VLLM_STORE_OVERLAP=1), the sink table is written after the attention."""
+    qsl = plan.query_start_loc.cpu()
+    beside = os.environ.get("TQ_VLLM_STORE_OVERLAP") == "1" and bool(((qsl[1:] - qsl[:-1]) == 1).all())
+    return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=beside)
+
+
+def _sink_schedule_pair(schedule, n, sink_entries, seed):
+    D, B, H, G = 64, 16, 2, 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    q, k, v = _seqs(n, 64, H, G, D, torch.bfloat16, seed=seed)
+    sims = [PagedSim(codec, H, num_blocks=48, num_slots=2 * n + 2, dtype=torch.bfloat16, device=DEV, seed=seed,
+                     sink_entries=sink_entries) for _ in range(2)]
+    for step in schedule:
+        oa = sims[0].step(_triton_op, step, q, k, v, D ** -0.5)
+        ob = sims[1].step(_ref_op, step, q, k, v, D ** -0.5)
+        assert torch.equal(sims[0].sink[1], sims[1].sink[1]), step
+        assert torch.equal(sims[0].sink[0], sims[1].sink[0]), step
+        for rid in oa:
+            assert _rel(oa[rid], ob[rid]) < 8e-3, (step, rid)
+    assert (sims[0].cache == sims[1].cache).float().mean().item() >= 0.999
+    return sims
+
+
+@pytest.mark.parametrize("overlap", ["0", "1"])
+def test_sink_entries_shared_by_first_blocks_of_one_step(overlap, monkeypatch):
+    """First blocks completed in one step whose tags share a table entry (2 entries, 6 rows): the last in the
+    completed-block list owns the entry, K/V and tag alike, as in the reference; in prefill steps (the table is
+    written before the attention) and in decode steps whose store runs beside the attention (TQ_VLLM_STORE_OVERLAP=1:
+    the table is written with the staging copy, after the attention)."""
+    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", overlap)
+    n = 6
+    prompt = [[(r, 13 + r % 3) for r in range(n)]]  # every row's block 0 still open
+    decodes = [[(r, 1) for r in range(n)] for _ in range(4)]  # all cross the first boundary, in 3 different steps
+    sims = _sink_schedule_pair(prompt + decodes + [[(r, 20) for r in range(n)], [(r, 1) for r in range(n)]], n, 2,
+                               seed=41)
+    tags = sims[0].sink[1]
+    assert bool((tags != 0).all()), "every entry written"
+    # a collision really happened: 6 distinct first tokens over 2 entries
+    assert len({int(t) for t in tags.flatten()}) == tags.numel()
+
+
+def test_store_beside_attention_many_rows_one_step(monkeypatch):
+    """Decode steps where several rows complete a block (first blocks and later ones) at once, with the store
+    beside the attention: the same pages, sink table and outputs as the reference."""
+    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", "1")
+    n = 5
+    steps = [[(r, 15) for r in range(n)], [(r, 1) for r in range(n)], [(0, 16), (1, 16)],
+             [(r, 1) for r in range(n)], [(r, 1) for r in range(n)]]
+    _sink_schedule_pair(steps, n, 4096, seed=43)
+
+
 def test_write_staging_matches_reference():
     D, B, H = 64, 16, 2
     st_a = torch.randn(4, 2, B, H, D, device=DEV).to(torch.bfloat16)
@@ -432,3 +485,57 @@ def test_gpu_cuda_graph_decode():
 
     sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
     assert captured["ok"]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_store_beside_attention(monkeypatch):
+    """A decode step whose store runs on a side stream beside the attention (first blocks sharing sink entries and
+    later blocks completing), captured in a CUDA graph: the replay gives the eager step's output, pages, staging and
+    sink table, and those match the reference with the sink table written after the attention."""
+    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", "1")  # at any row count
+    D, B, H, G, R = 128, 16, 8, 4, 6
+    codec = LayerCodec("tq4", D, B, device="cuda")
+    q, k, v = _seqs(R, 600, H, G, D, torch.bfloat16, seed=11)
+    sim = PagedSim(codec, H, num_blocks=256, num_slots=16, dtype=torch.bfloat16, device="cuda", sink_entries=8)
+    sim.step(ref.forward_step, [(r, (15, 31, 100, 15, 47, 300)[r]) for r in range(R)], q, k, v, D ** -0.5)
+    res = {}
+
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        meta = K.prepare(plan, H, H * G, num_decode_rows=R)
+        assert K._store_beside(q_, plan, meta)
+        state = [cache, staging, *sink]
+        before = [t.clone() for t in state]
+        exp = ref.forward_step(codec_, q_, k_, v_, *[t.clone() for t in before[:2]], plan, sc,
+                               sink=tuple(t.clone() for t in before[2:]), defer_sink=True)
+        ref_state = [cache.clone(), staging.clone(), sink[0].clone(), sink[1].clone()]
+        ref.forward_step(codec_, q_, k_, v_, ref_state[0], ref_state[1], plan, sc, sink=tuple(ref_state[2:]),
+                         defer_sink=True)
+        for t, b in zip(state, before):
+            t.copy_(b)
+        out_e = K.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, meta=meta, sink=sink)  # also warm-up
+        torch.cuda.synchronize()
+        after = [t.clone() for t in state]
+        for t, b in zip(state, before):
+            t.copy_(b)
+        out = torch.full_like(q_, float("nan"))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            K.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, sink=sink)
+        for t, b in zip(state, before):
+            t.copy_(b)
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        res["replay_out"] = torch.equal(out, out_e)
+        res["replay_state"] = [torch.equal(t, a) for t, a in zip(state, after)]
+        res["ref_err"] = _rel(out_e, exp)
+        res["ref_sink"] = torch.equal(sink[1], ref_state[3]) and torch.equal(sink[0], ref_state[2])
+        res["ref_staging"] = torch.equal(staging, ref_state[1])
+        res["ref_pages"] = (cache == ref_state[0]).float().mean().item()
+        return out
+
+    sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
+    assert res["replay_out"] and all(res["replay_state"]), res
+    assert res["ref_err"] < _tol(torch.bfloat16) and res["ref_sink"] and res["ref_staging"], res
+    assert res["ref_pages"] >= 0.999, res
+

@@ -542,6 +542,9 @@ class TQAttentionImpl(AttentionImpl[TQMetadata]):
         if self.codec.preset.sink and self.sink is None:
             self.sink = new_sink_table(active_config().sink_entries, self.num_kv_heads, self.head_size, self.dtype,
                                        self.device)
+        if self.sink is not None and self.device.type == "cuda":
+            from tq_vllm.kernels import sink_pending  # sized before any CUDA-graph capture (a row per slot)
+            sink_pending(self.device, self.dtype, shape[0], self.num_kv_heads, self.head_size)
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Runs in the worker once the model is built and loaded, before vLLM asks for KV cache specs.

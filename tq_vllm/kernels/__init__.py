@@ -30,7 +30,7 @@ from tq_vllm.quant.plan import SlotTable, StepPlan
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
-           "forward_step", "dequantize_blocks", "fill_workspace", "FillLists", "prefill_attention", "prefill_mode",
+           "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists", "prefill_attention", "prefill_mode",
            "FlashAttentionError", "use_triton",
            "DECODE_TILE", "PREFILL_ROWS"]
 
@@ -48,6 +48,12 @@ DEQUANT_PAGES = 0
 # decode rows per split-reduction program (TQ_VLLM_REDUCE_ROWS; their heads share one product with Π, read once per
 # program instead of once per row); 1 until measured on a GPU
 REDUCE_ROWS = 1
+# decode rows from which a step's store runs beside its attention on a second stream. One layer's step in a CUDA graph
+# (H200, 2026-11-27, bench_step.py): the fork and join cost 3.8 us at 1 row and 2.6 at 4 when no block completes,
+# nothing at 64 rows, and save 13 us (1 x 32K), 23 us (16 x 8K) and 22 us (64 x 8K, 2 blocks) when blocks complete;
+# end to end the single 32K request lost 0.36 ms a step (6.36 -> 6.72) and the 64 x 8K batch gained 0.59 (17.68 ->
+# 17.09); a batch of R staggered rows completes about R/B blocks a step
+STORE_OVERLAP_ROWS = 16
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -249,11 +255,56 @@ def _sink_args(sink, device, dtype):
     return kv, tags, tags.shape[0], (kv.stride(0), kv.stride(1), kv.stride(2)), True
 
 
+_PENDING: dict = {}
+
+
+def sink_pending(device, dtype, rows: int, num_kv_heads: int, head_dim: int):
+    """Pending sink entries (kv [N, 2, H, D], tags [N, H] int64), N >= rows, one per row of a step: the store
+    writes the entry of a row completing its first block, `commit_sink` (or the staging write) moves it into the
+    table. One per device and shape, shared by the layers (each layer's commit runs before the next layer's store
+    in stream order). Call it before CUDA-graph capture with the largest row count (it grows by re-allocating)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype, int(num_kv_heads), int(head_dim))
+    cur = _PENDING.get(key)
+    if cur is None or cur[1].shape[0] < rows:
+        n = max(64, next_pow2(int(rows)))
+        cur = (torch.zeros(n, 2, num_kv_heads, head_dim, dtype=dtype, device=device),
+               torch.zeros(n, num_kv_heads, dtype=torch.int64, device=device))
+        _PENDING[key] = cur
+    return cur
+
+
+def _pending_args(sink, plan: StepPlan):
+    """(pending kv, pending tags, table kv, table tags, n_sink, pending strides, table strides) of a sink table."""
+    kv, tags = sink
+    pkv, ptag = sink_pending(kv.device, kv.dtype, plan.num_rows, kv.shape[2], kv.shape[3])
+    assert kv.stride(-1) == 1 and tags.is_contiguous() and kv.dtype == pkv.dtype
+    return (pkv, ptag, kv, tags, tags.shape[0], (pkv.stride(0), pkv.stride(1), pkv.stride(2)),
+            (kv.stride(0), kv.stride(1), kv.stride(2)))
+
+
+def commit_sink(sink, plan: StepPlan, key: torch.Tensor, force: str | None = None) -> None:
+    """Move the pending sink entries of the first blocks completed in this step (`store_blocks(defer_sink=True)`)
+    into the table `sink` = (kv [N, 2, H, D], tags [N, H]); the last of several sharing a table entry wins."""
+    Mb = plan.qb_row.numel()
+    if sink is None or Mb == 0 or not use_triton(key, force):
+        return
+    pkv, ptag, kv, tags, n, ps, ks = _pending_args(sink, plan)
+    H, D = kv.shape[2], kv.shape[3]
+    _launch("sink_commit", _kmod("store")._tq_sink_commit_kernel, (min(Mb, 64), H), (
+        plan.qb_row, plan.qb_idx, Mb, pkv, ptag, kv, tags, n, *ps, *ks), dict(
+        H=H, D=D, DP=next_pow2(D), CH=16, num_warps=1))
+
+
 def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
-                 value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None) -> None:
+                 value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None,
+                 defer_sink: bool = False) -> None:
     """Quantize the blocks completed in this step (`plan.qb_row/qb_idx`, rows < 0 skipped) into their pages; first
     blocks of a sequence get the sink tag and (if `sink` = (kv [N, 2, H, D], tags [N, H]) is given) record their
-    exact token 0 in the sink table."""
+    exact token 0 in the sink table: at once, or with `defer_sink` (Triton path) only in the pending entries, for
+    `commit_sink` / `write_staging(commit_sink=...)` to write once no reader of the table runs."""
     if not use_triton(kv_cache, force):
         if plan.qb_row.numel() and bool((plan.qb_row < 0).any()):
             keep = plan.qb_row >= 0
@@ -283,16 +334,22 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     assert staging.stride(-1) == 1
     bt = plan.block_table
     pi16, pm1, rsd = tb.rot_for(key.dtype)
-    skv, stag, nsink, sst, has_sink = _sink_args(sink, key.device, key.dtype)
+    has_sink = sink is not None and kw["SINK"]
+    if has_sink:
+        skv, stag, _, _, _, sst, _ = _pending_args(sink, plan)
+    else:
+        skv, stag, _, sst, _ = _sink_args(None, key.device, key.dtype)
     _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK) * (NSUB if par else 1), H, 2 if kvsplit else 1), (
         key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot, plan.qb_row,
         plan.qb_idx, tb.rot, pi16, tb.qjl, tb.bnd["k"], tb.bnd["v"], tb.bnd["k_mean"], tb.bnd["v_mean"], tb.c32["k"],
         tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd, nsink,
-        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink and kw["SINK"], KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par,
+        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd,
+        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink, KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
         **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
+    if has_sink and not defer_sink:
+        commit_sink(sink, plan, key, force=force)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -332,8 +389,9 @@ def _subplan_blocks(plan, keep):
 
 
 def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: StepPlan,
-                  force: str | None = None) -> None:
-    """Copy the exact K/V of every row's open block (positions max(ctx, seq//B*B) .. seq-1) to its slot."""
+                  force: str | None = None, commit_sink=None) -> None:
+    """Copy the exact K/V of every row's open block (positions max(ctx, seq//B*B) .. seq-1) to its slot.
+    `commit_sink` = a sink table: also `commit_sink` it in the same launch (after `store_blocks(defer_sink=True)`)."""
     if not use_triton(staging, force):
         return _ref.write_staging(staging, key, value, plan)
     R = plan.num_rows
@@ -341,11 +399,18 @@ def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return
     S_, two, B, H, D = staging.shape
     mod = _kmod("store")
+    Mb = plan.qb_row.numel()
+    if commit_sink is not None and Mb:
+        pkv, ptag, kv, tags, n, ps, ks = _pending_args(commit_sink, plan)
+        cargs, commit = (plan.qb_row, plan.qb_idx, Mb, pkv, ptag, kv, tags, n, *ps, *ks), True
+    else:
+        z = plan.open_slot
+        cargs, commit = (z, z, 0, staging, z, staging, z, 1, 0, 0, 0, 0, 0, 0), False
     _launch("staging", mod._tq_staging_kernel, (R, H), (
         key, value, staging, plan.query_start_loc, plan.seq_lens, plan.open_slot,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3)),
-        dict(D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), num_warps=4))
+        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), *cargs),
+        dict(D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), H=H, COMMIT=commit, num_warps=4))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -561,6 +626,10 @@ def warm_up(codec: LayerCodec, kv_cache: torch.Tensor, sink=None, workspace=None
         ps = FillLists(in_src=idx[4:5] + 1, in_dst=idx[:1], st_row=idx[:1].clone(), st_off=idx[:1].clone(),
                        st_dst=idx[:1].clone())
         fill_workspace(wk, wv, staging, idx[:1].clone(), ps, wk, wv, force)  # row 1 -> row 0, slot 0 -> row 0
+    if sink is not None:  # the sink commit of prefill steps (an empty list: entry -1)
+        import types
+        none = torch.full((4,), -1, dtype=torch.int32, device=kv_cache.device)[:1]
+        commit_sink(sink, types.SimpleNamespace(qb_row=none, qb_idx=none.clone(), num_rows=1), kv_cache, force)
 
 
 @dataclass
@@ -643,8 +712,49 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
                  sink=None, workspace=None):
     """One layer's step: store the completed blocks, attend, then stage the open blocks. Returns out [T, Hq, D].
     `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded)."""
-    store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
+    if use_triton(query, force):
+        meta = _meta(plan, key.shape[1], query.shape[1], meta)
+    if not use_triton(query, force) or not _store_beside(query, plan, meta):
+        store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
+        out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta,
+                              force=force, sink=sink, workspace=workspace)
+        write_staging(staging, key, value, plan, force=force)
+        return out
+    # every row decodes one token: no query reads a block completed in this step (its own block is exact), so the
+    # store may run beside the attention; only the sink table, which the attention reads, waits for the join
+    side = _side_stream(query.device) if query.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(query.device))
+        with torch.cuda.stream(side):
+            store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
+    else:  # the interpreter: the same order of effects, in sequence
+        store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
     out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, force=force,
                           sink=sink, workspace=workspace)
-    write_staging(staging, key, value, plan, force=force)
+    if side is not None:
+        torch.cuda.current_stream(query.device).wait_stream(side)
+    write_staging(staging, key, value, plan, force=force, commit_sink=sink)
     return out
+
+
+_SIDE: dict = {}
+
+
+def _side_stream(device):
+    dev = torch.device(device)
+    if dev not in _SIDE:
+        _SIDE[dev] = torch.cuda.Stream(dev)
+    return _SIDE[dev]
+
+
+def _store_beside(query: torch.Tensor, plan: StepPlan, meta: KernelMeta) -> bool:
+    """Whether this step's store runs beside its attention: steps where every row decodes one token and the
+    completed-block list is not empty. TQ_VLLM_STORE_OVERLAP=auto: on CUDA, from STORE_OVERLAP_ROWS rows
+    (TQ_VLLM_STORE_OVERLAP_ROWS); 1: any row count, also in the interpreter (in sequence); 0: never."""
+    mode = os.environ.get("TQ_VLLM_STORE_OVERLAP", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_STORE_OVERLAP={mode!r}: choose auto, 0 or 1")
+    if mode == "0" or plan.qb_row.numel() == 0 or meta.num_decode_rows != plan.num_rows:
+        return False
+    rows = int(os.environ.get("TQ_VLLM_STORE_OVERLAP_ROWS", STORE_OVERLAP_ROWS))
+    return mode == "1" or (query.is_cuda and not _interp() and meta.num_decode_rows >= rows)

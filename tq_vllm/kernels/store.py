@@ -223,7 +223,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
 def _tq_store_kernel(
     KIN, VIN, STG, CACHE, BT, QSL, SEQ, CSLOT, QBR, QBI,
     PI, PI16, SQ, BK, BV, BKM, BVM, CK, CV, CKM, CVM, SKV, STAG, SCOEF,
-    s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3, s_bt, num_qb, rsd, n_sink, s_k0, s_k1, s_k2,
+    s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3, s_bt, num_qb, rsd, s_k0, s_k1, s_k2,
     H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, B: tl.constexpr, NBLK: tl.constexpr,
     TS: tl.constexpr, NSUB: tl.constexpr, PAGE: tl.constexpr, USED: tl.constexpr, PADP: tl.constexpr,
     KBITS: tl.constexpr, VBITS: tl.constexpr, MBITS: tl.constexpr, NORM: tl.constexpr,
@@ -314,12 +314,13 @@ def _tq_store_kernel(
         tag = tl.where(first, tag, 0)
         tl.store((page_b + SINKO).to(tl.pointer_type(tl.int64)), tag, mask=bval)
         if SINKT:
-            sl = tag % n_sink
-            sp = SKV + sl[:, None] * s_k0 + h * s_k2 + dd[None, :]
+            # the row's pending entry (SKV [rows, 2, H, D], STAG [rows, H]); `_sink_commit` moves it to the table
+            # later, one writer per table entry
+            sp = SKV + rb.to(tl.int64)[:, None] * s_k0 + h * s_k2 + dd[None, :]
             m2 = first[:, None] & dmk[None, :]
             tl.store(sp, k0.to(SKV.dtype.element_ty), mask=m2)
             tl.store(sp + s_k1, v0.to(SKV.dtype.element_ty), mask=m2)
-            tl.store(STAG + sl * H + h, tag, mask=first)
+            tl.store(STAG + rb * H + h, tag, mask=first)
     if kind == 0:
         _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
                     CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
@@ -337,11 +338,59 @@ def _tq_store_kernel(
 
 
 @triton.jit
+def _sink_commit(p, P, h, QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2,
+                 H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CH: tl.constexpr):
+    """Sink-table entries of the first blocks completed in this step, from their rows' pending entries (PKV
+    [rows, 2, H, D], PTAG [rows, H], written by the store), for entries p, p + P, ... of the completed-block list and
+    KV head h. Where several first blocks' tags share a table entry, the last in the list writes it: one writer per
+    entry, so a reader never gets one block's K/V under another's tag."""
+    dd = tl.arange(0, DP)
+    dm = dd < D
+    for e in range(p, num_qb, P):
+        r = tl.load(QBR + e)
+        first = r >= 0
+        if first:
+            first = tl.load(QBI + e) == 0
+        if first:
+            tag = tl.load(PTAG + r * H + h)
+            sl = tag % n_sink
+            later = 0
+            for c in range(e + 1, num_qb, CH):
+                e2 = c + tl.arange(0, CH)
+                r2 = tl.load(QBR + e2, mask=e2 < num_qb, other=-1)
+                f2 = r2 >= 0
+                f2 = f2 & (tl.load(QBI + e2, mask=f2, other=1) == 0)
+                t2 = tl.load(PTAG + tl.where(f2, r2, 0) * H + h, mask=f2, other=0)
+                later += tl.sum((f2 & (t2 % n_sink == sl)).to(tl.int32), axis=0)
+            if later == 0:
+                src = PKV + r.to(tl.int64) * s_p0 + h * s_p2 + dd
+                dst = SKV + sl * s_k0 + h * s_k2 + dd
+                tl.store(dst, tl.load(src, mask=dm), mask=dm)
+                tl.store(dst + s_k1, tl.load(src + s_p1, mask=dm), mask=dm)
+                tl.store(STAG + sl * H + h, tag)
+
+
+@triton.jit(do_not_specialize=["num_qb", "n_sink"])
+def _tq_sink_commit_kernel(QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2,
+                           H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, CH: tl.constexpr):
+    """Grid (P, H): `_sink_commit` of entries p, p + P, ... (between the store and the attention)."""
+    _sink_commit(tl.program_id(0), tl.num_programs(0), tl.program_id(1), QBR, QBI, num_qb, PKV, PTAG, SKV, STAG,
+                 n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2, H, D, DP, CH)
+
+
+@triton.jit(do_not_specialize=["num_qb", "n_sink"])
 def _tq_staging_kernel(KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
-                       D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr):
-    """Copy the exact K/V of each row's open block (positions max(ctx, seq//B*B) .. seq-1) into its slot."""
+                       QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2,
+                       D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr, H: tl.constexpr = 1,
+                       COMMIT: tl.constexpr = False, CH: tl.constexpr = 16):
+    """Copy the exact K/V of each row's open block (positions max(ctx, seq//B*B) .. seq-1) into its slot. COMMIT:
+    program (r, h) also commits the pending sink entries r, r + R, ... (`_sink_commit`; the store ran beside the
+    attention, so its sink-table writes wait until here)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
+    if COMMIT:
+        _sink_commit(r, tl.num_programs(0), h, QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2,
+                     s_k0, s_k1, s_k2, H, D, DP, CH)
     slot = tl.load(OSLOT + r).to(tl.int64)
     if slot < 0:
         return

@@ -36,12 +36,13 @@ def _gather_block_tokens(plan: StepPlan, staging, x, kv: int, row: int, blk: int
 
 
 def store_full_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, plan: StepPlan, sink=None) -> None:
+                      value: torch.Tensor, plan: StepPlan, sink=None, defer_sink: bool = False):
     """Quantize the blocks completed in this step (`plan.qb_row/qb_idx`) into their pages; the first block of a
-    sequence also records its exact token 0 in the sink table `sink` = (kv [N, 2, H, D], tags [N, H])."""
+    sequence also records its exact token 0 in the sink table `sink` = (kv [N, 2, H, D], tags [N, H]), at once or
+    (`defer_sink`) through the returned pending entries and `commit_sink`."""
     M = plan.qb_row.numel()
     if M == 0:
-        return
+        return None
     rows, idxs = plan.qb_row.tolist(), plan.qb_idx.tolist()
     kb = torch.stack([_gather_block_tokens(plan, staging, key, 0, r, b) for r, b in zip(rows, idxs)])
     vb = torch.stack([_gather_block_tokens(plan, staging, value, 1, r, b) for r, b in zip(rows, idxs)])
@@ -50,14 +51,28 @@ def store_full_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.
     fields = codec.encode_blocks(kb, vb, first)
     codec.write_pages(kv_cache, block_ids, fields)
     if sink is not None and codec.preset.sink and bool(first.any()):
-        sink_kv, sink_tag = sink
         f = first.to(kb.device)
         tags = fields["sink_tag"].reshape(M, -1, 8).contiguous().view(torch.int64).squeeze(-1)[f]  # [M0, H]
-        slots = tags % sink_tag.shape[0]
-        heads = torch.arange(tags.shape[1], device=tags.device).expand_as(tags)
-        sink_kv[slots, 0, heads] = kb[f, 0].to(sink_kv.dtype)
-        sink_kv[slots, 1, heads] = vb[f, 0].to(sink_kv.dtype)
-        sink_tag[slots, heads] = tags
+        pending = (tags, kb[f, 0], vb[f, 0])
+        if defer_sink:
+            return pending
+        commit_sink(sink, pending)
+    return None
+
+
+def commit_sink(sink, pending) -> None:
+    """Write `store_full_blocks`' pending entries (tags [M0, H], k0, v0 [M0, H, D]) into the sink table, in list
+    order: of first blocks sharing a table entry the last wins, K/V and tag alike."""
+    if pending is None:
+        return
+    sink_kv, sink_tag = sink
+    tags, k0, v0 = pending
+    slots = tags % sink_tag.shape[0]
+    heads = torch.arange(tags.shape[1], device=tags.device)
+    for i in range(tags.shape[0]):
+        sink_kv[slots[i], 0, heads] = k0[i].to(sink_kv.dtype)
+        sink_kv[slots[i], 1, heads] = v0[i].to(sink_kv.dtype)
+        sink_tag[slots[i], heads] = tags[i]
 
 
 def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: StepPlan) -> None:
@@ -147,9 +162,11 @@ def attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: StepPlan, scale: float,
-                 rotated: bool = True, sink=None) -> torch.Tensor:
-    """One layer's whole step in the reference order: store, attend, stage."""
-    store_full_blocks(codec, kv_cache, staging, key, value, plan, sink)
+                 rotated: bool = True, sink=None, defer_sink: bool = False) -> torch.Tensor:
+    """One layer's whole step in the reference order: store, attend, stage. `defer_sink`: the sink-table writes
+    of the store after the attention (the order of the kernels' store beside the attention)."""
+    pending = store_full_blocks(codec, kv_cache, staging, key, value, plan, sink, defer_sink)
     out = attention(codec, query, key, value, kv_cache, staging, plan, scale, rotated, sink)
     write_staging(staging, key, value, plan)
+    commit_sink(sink, pending)
     return out
