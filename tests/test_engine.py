@@ -84,16 +84,26 @@ def _close(llm):
     gc.collect()
 
 
-def _run(model, work, **kw):
-    """Start an engine, run `work(llm)`, record its KV blocks (and metrics), shut it down: one engine at a time."""
-    llm = _engine(model, **kw)
+def _run(model, work, engine=None, env=None, **kw):
+    """Start an engine (`engine(model, **kw)`, default `_engine`) with the environment variables `env` set while it
+    starts and runs, run `work(llm)`, record its KV blocks (and metrics), shut it down: one engine at a time."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # before the engine process is spawned
     try:
-        res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
-        if not kw.get("disable_log_stats", True):
-            res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-        return res
+        llm = (engine or _engine)(model, **kw)
+        try:
+            res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
+            if not kw.get("disable_log_stats", True):
+                res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+            return res
+        finally:
+            _close(llm)
     finally:
-        _close(llm)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 TQ = dict(attention_backend="CUSTOM", dtype="float32",
@@ -156,15 +166,8 @@ def test_device_slot_planner_identical(models, tq4_runs):
     """Engine A with the staging slots planned by device tensor ops (`SlotTable`, the default on CUDA, where it
     saves a device-to-host copy per step) instead of the host planner: the same tokens through prefix-cache hits,
     chunked prefill and preemption. TQ_VLLM_SLOT_PLANNER=device refuses to fall back to the host planner."""
-    old = os.environ.get("TQ_VLLM_SLOT_PLANNER")
-    os.environ["TQ_VLLM_SLOT_PLANNER"] = "device"
-    try:
-        d = _run(models["gqa64"], lambda llm: _generate(llm, _prompts()), **ENGINES["A"])
-    finally:
-        if old is None:
-            os.environ.pop("TQ_VLLM_SLOT_PLANNER", None)
-        else:
-            os.environ["TQ_VLLM_SLOT_PLANNER"] = old
+    d = _run(models["gqa64"], lambda llm: _generate(llm, _prompts()), env={"TQ_VLLM_SLOT_PLANNER": "device"},
+             **ENGINES["A"])
     _assert_same(d["out"], tq4_runs["A"]["out"], "device vs host slot planner")
 
 

@@ -56,23 +56,7 @@ def _engine(model, **kw):
 
 
 def _run(model, work, env=None, **kw):
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})  # before the engine process is spawned
-    try:
-        llm = _engine(model, **kw)
-        try:
-            res = {"out": work(llm), "num_blocks": int(llm.llm_engine.vllm_config.cache_config.num_gpu_blocks)}
-            if not kw.get("disable_log_stats", True):
-                res["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
-            return res
-        finally:
-            te._close(llm)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return te._run(model, work, engine=_engine, env=env, **kw)
 
 
 def _generate(llm, prompt_lists, max_tokens=te.MAX_TOKENS):

@@ -30,8 +30,8 @@ from tq_vllm.quant.plan import SlotTable, StepPlan
 from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
-           "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists", "prefill_attention", "prefill_mode",
-           "FlashAttentionError", "use_triton",
+           "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
+           "prefill_attention", "prefill_mode", "FlashAttentionError", "use_triton",
            "DECODE_TILE", "PREFILL_ROWS"]
 
 DECODE_TILE = 0  # tokens per page tile of the decode launch; 0 = by block size (128 for B <= 32, else 64)
@@ -724,6 +724,8 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
     # store may run beside the attention; only the sink table, which the attention reads, waits for the join
     side = _side_stream(query.device) if query.is_cuda else None
     if side is not None:
+        if sink is not None:  # any (re-)allocation of the pending entries on this stream, before the fork
+            _pending_args(sink, plan)
         side.wait_stream(torch.cuda.current_stream(query.device))
         with torch.cuda.stream(side):
             store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
