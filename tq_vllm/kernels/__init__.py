@@ -49,8 +49,9 @@ DEQUANT_PAGES = 0
 # program instead of once per row); 1 until measured on a GPU
 REDUCE_ROWS = 1
 # decode rows from which a step's store runs beside its attention on a second stream. One layer's step in a CUDA graph
-# (H200, 2026-11-27, bench_step.py): the fork and join cost 3.8 us at 1 row and 2.6 at 4 when no block completes,
-# nothing at 64 rows, and save 13 us (1 x 32K), 23 us (16 x 8K) and 22 us (64 x 8K, 2 blocks) when blocks complete;
+# (H200, 2026-11-27, bench_step.py, step_variants.jsonl): the fork and join cost 3.7 us at 1 row and 0.6-3.5 at 4 to
+# 64 rows when no block completes, and save 17 us (1 x 32K), 23 us (16 x 8K) and 22 us (64 x 8K, 2 blocks) when
+# blocks complete;
 # end to end the single 32K request lost 0.36 ms a step (6.36 -> 6.72) and the 64 x 8K batch gained 0.59 (17.68 ->
 # 17.09); a batch of R staggered rows completes about R/B blocks a step
 STORE_OVERLAP_ROWS = 16
