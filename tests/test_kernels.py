@@ -72,6 +72,14 @@ def _triton_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
     return out
 
 
+def _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
+    """The reference in the kernels' order of effects: in a step where every row decodes one token the sink table
+    is written after the attention (kernels.forward_step)."""
+    qsl = plan.query_start_loc.cpu()
+    decode_only = bool(((qsl[1:] - qsl[:-1]) == 1).all())
+    return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=decode_only)
+
+
 def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, device=DEV, lengths=None):
     codec = LayerCodec(preset, D, B, layer_index=3, device=device)
     n = 1 + max(r for step in schedule for r, _ in step)
@@ -82,7 +90,7 @@ def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, de
     scale = D ** -0.5
     for step in schedule:
         oa = sa.step(_triton_op, step, q, k, v, scale)
-        ob = sb.step(ref.forward_step, step, q, k, v, scale)
+        ob = sb.step(_ref_op, step, q, k, v, scale)
         if codec.preset.sink:
             assert torch.equal(sa.sink[1], sb.sink[1]) and torch.equal(sa.sink[0], sb.sink[0])
         for rid in oa:
@@ -341,21 +349,15 @@ def test_sink_table_miss_falls_back_to_codes():
     q, k, v = _seqs(2, 60, H, G, D, torch.bfloat16, seed=9)
     sa = PagedSim(codec, H, num_blocks=32, num_slots=6, dtype=torch.bfloat16, device=DEV, sink_entries=4)
     sb = PagedSim(codec, H, num_blocks=32, num_slots=6, dtype=torch.bfloat16, device=DEV, sink_entries=4)
-    for sim, op in ((sa, _triton_op), (sb, ref.forward_step)):
+    for sim, op in ((sa, _triton_op), (sb, _ref_op)):
         sim.step(op, [(0, 40), (1, 20)], q, k, v, D ** -0.5)
         sim.sink[1][:, 0] = 12345  # entries of head 0 now belong to another sequence
     oa = sa.step(_triton_op, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
-    ob = sb.step(ref.forward_step, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
+    ob = sb.step(_ref_op, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
     for rid in oa:
         assert _rel(oa[rid], ob[rid]) < 8e-3
 
 
-def _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
-    """The reference in the kernels' order of effects: with the store beside the attention (every row decodes one
-    token and TQ_VLLM_STORE_OVERLAP=1), the sink table is written after the attention."""
-    qsl = plan.query_start_loc.cpu()
-    beside = os.environ.get("TQ_VLLM_STORE_OVERLAP") == "1" and bool(((qsl[1:] - qsl[:-1]) == 1).all())
-    return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=beside)
 
 
 def _sink_schedule_pair(schedule, n, sink_entries, seed):
@@ -379,8 +381,8 @@ def _sink_schedule_pair(schedule, n, sink_entries, seed):
 def test_sink_entries_shared_by_first_blocks_of_one_step(overlap, monkeypatch):
     """First blocks completed in one step whose tags share a table entry (2 entries, 6 rows): the last in the
     completed-block list owns the entry, K/V and tag alike, as in the reference; in prefill steps (the table is
-    written before the attention) and in decode steps whose store runs beside the attention (TQ_VLLM_STORE_OVERLAP=1:
-    the table is written with the staging copy, after the attention)."""
+    written before the attention) and in decode steps (written with the staging copy, after the attention; with
+    TQ_VLLM_STORE_OVERLAP=1 on a GPU the store runs beside the attention)."""
     monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", overlap)
     n = 6
     prompt = [[(r, 13 + r % 3) for r in range(n)]]  # every row's block 0 still open
@@ -395,7 +397,7 @@ def test_sink_entries_shared_by_first_blocks_of_one_step(overlap, monkeypatch):
 
 def test_store_beside_attention_many_rows_one_step(monkeypatch):
     """Decode steps where several rows complete a block (first blocks and later ones) at once, with the store
-    beside the attention: the same pages, sink table and outputs as the reference."""
+    beside the attention on a GPU: the same pages, sink table and outputs as the reference."""
     monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", "1")
     n = 5
     steps = [[(r, 15) for r in range(n)], [(r, 1) for r in range(n)], [(0, 16), (1, 16)],

@@ -712,31 +712,32 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
                  out: torch.Tensor | None = None, meta: KernelMeta | None = None, force: str | None = None,
                  sink=None, workspace=None):
     """One layer's step: store the completed blocks, attend, then stage the open blocks. Returns out [T, Hq, D].
-    `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded)."""
-    if use_triton(query, force):
-        meta = _meta(plan, key.shape[1], query.shape[1], meta)
-    if not use_triton(query, force) or not _store_beside(query, plan, meta):
+    `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded).
+    In a step where every row decodes one token no query reads a block completed in it (its own block is exact):
+    the store's sink-table entries wait for the staging launch after the attention (no commit launch of their own),
+    and from STORE_OVERLAP_ROWS rows on CUDA the store runs beside the attention on a second stream."""
+    if not use_triton(query, force):
         store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
         out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta,
                               force=force, sink=sink, workspace=workspace)
         write_staging(staging, key, value, plan, force=force)
         return out
-    # every row decodes one token: no query reads a block completed in this step (its own block is exact), so the
-    # store may run beside the attention; only the sink table, which the attention reads, waits for the join
-    side = _side_stream(query.device) if query.is_cuda else None
+    meta = _meta(plan, key.shape[1], query.shape[1], meta)
+    decode_only = meta.num_decode_rows == plan.num_rows
+    side = _side_stream(query.device) if query.is_cuda and _store_beside(query, plan, meta) else None
     if side is not None:
         if sink is not None:  # any (re-)allocation of the pending entries on this stream, before the fork
             _pending_args(sink, plan)
         side.wait_stream(torch.cuda.current_stream(query.device))
         with torch.cuda.stream(side):
             store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
-    else:  # the interpreter: the same order of effects, in sequence
-        store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
+    else:
+        store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=decode_only)
     out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, force=force,
                           sink=sink, workspace=workspace)
     if side is not None:
         torch.cuda.current_stream(query.device).wait_stream(side)
-    write_staging(staging, key, value, plan, force=force, commit_sink=sink)
+    write_staging(staging, key, value, plan, force=force, commit_sink=sink if decode_only else None)
     return out
 
 
@@ -752,12 +753,13 @@ def _side_stream(device):
 
 def _store_beside(query: torch.Tensor, plan: StepPlan, meta: KernelMeta) -> bool:
     """Whether this step's store runs beside its attention: steps where every row decodes one token and the
-    completed-block list is not empty. TQ_VLLM_STORE_OVERLAP=auto: on CUDA, from STORE_OVERLAP_ROWS rows
-    (TQ_VLLM_STORE_OVERLAP_ROWS); 1: any row count, also in the interpreter (in sequence); 0: never."""
+    completed-block list is not empty. TQ_VLLM_STORE_OVERLAP=auto: from STORE_OVERLAP_ROWS rows
+    (TQ_VLLM_STORE_OVERLAP_ROWS); 1: at any row count; 0: never. Only on CUDA (elsewhere the same order of effects
+    runs in sequence)."""
     mode = os.environ.get("TQ_VLLM_STORE_OVERLAP", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_STORE_OVERLAP={mode!r}: choose auto, 0 or 1")
     if mode == "0" or plan.qb_row.numel() == 0 or meta.num_decode_rows != plan.num_rows:
         return False
     rows = int(os.environ.get("TQ_VLLM_STORE_OVERLAP_ROWS", STORE_OVERLAP_ROWS))
-    return mode == "1" or (query.is_cuda and not _interp() and meta.num_decode_rows >= rows)
+    return query.is_cuda and not _interp() and (mode == "1" or meta.num_decode_rows >= rows)
