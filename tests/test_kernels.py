@@ -80,13 +80,14 @@ def _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
     return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=decode_only)
 
 
-def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, device=DEV, lengths=None):
+def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, device=DEV, lengths=None,
+                  sink_entries=4096):
     codec = LayerCodec(preset, D, B, layer_index=3, device=device)
     n = 1 + max(r for step in schedule for r, _ in step)
     Lmax = lengths or max(sum(c for s in schedule for r2, c in s if r2 == r) for r in range(n)) + 1
     q, k, v = _seqs(n, Lmax, H, G, D, dtype, seed)
-    sa = PagedSim(codec, H, num_blocks=num_blocks, num_slots=2 * n + 2, dtype=dtype, device=device, seed=seed)
-    sb = PagedSim(codec, H, num_blocks=num_blocks, num_slots=2 * n + 2, dtype=dtype, device=device, seed=seed)
+    sa, sb = (PagedSim(codec, H, num_blocks=num_blocks, num_slots=2 * n + 2, dtype=dtype, device=device, seed=seed,
+                       sink_entries=sink_entries) for _ in range(2))
     scale = D ** -0.5
     for step in schedule:
         oa = sa.step(_triton_op, step, q, k, v, scale)
@@ -360,23 +361,6 @@ def test_sink_table_miss_falls_back_to_codes():
 
 
 
-def _sink_schedule_pair(schedule, n, sink_entries, seed):
-    D, B, H, G = 64, 16, 2, 2
-    codec = LayerCodec("tq4", D, B, device=DEV)
-    q, k, v = _seqs(n, 64, H, G, D, torch.bfloat16, seed=seed)
-    sims = [PagedSim(codec, H, num_blocks=48, num_slots=2 * n + 2, dtype=torch.bfloat16, device=DEV, seed=seed,
-                     sink_entries=sink_entries) for _ in range(2)]
-    for step in schedule:
-        oa = sims[0].step(_triton_op, step, q, k, v, D ** -0.5)
-        ob = sims[1].step(_ref_op, step, q, k, v, D ** -0.5)
-        assert torch.equal(sims[0].sink[1], sims[1].sink[1]), step
-        assert torch.equal(sims[0].sink[0], sims[1].sink[0]), step
-        for rid in oa:
-            assert _rel(oa[rid], ob[rid]) < 8e-3, (step, rid)
-    assert (sims[0].cache == sims[1].cache).float().mean().item() >= 0.999
-    return sims
-
-
 @pytest.mark.parametrize("overlap", ["0", "1"])
 def test_sink_entries_shared_by_first_blocks_of_one_step(overlap, monkeypatch):
     """First blocks completed in one step whose tags share a table entry (2 entries, 6 rows): the last in the
@@ -387,9 +371,10 @@ def test_sink_entries_shared_by_first_blocks_of_one_step(overlap, monkeypatch):
     n = 6
     prompt = [[(r, 13 + r % 3) for r in range(n)]]  # every row's block 0 still open
     decodes = [[(r, 1) for r in range(n)] for _ in range(4)]  # all cross the first boundary, in 3 different steps
-    sims = _sink_schedule_pair(prompt + decodes + [[(r, 20) for r in range(n)], [(r, 1) for r in range(n)]], n, 2,
-                               seed=41)
-    tags = sims[0].sink[1]
+    _, sa, _ = _run_schedule("tq4", 64, 16, 2, 2, torch.bfloat16,
+                             prompt + decodes + [[(r, 20) for r in range(n)], [(r, 1) for r in range(n)]], seed=41,
+                             num_blocks=48, lengths=64, sink_entries=2)
+    tags = sa.sink[1]
     assert bool((tags != 0).all()), "every entry written"
     # a collision really happened: 6 distinct first tokens over 2 entries
     assert len({int(t) for t in tags.flatten()}) == tags.numel()
@@ -402,7 +387,7 @@ def test_store_beside_attention_many_rows_one_step(monkeypatch):
     n = 5
     steps = [[(r, 15) for r in range(n)], [(r, 1) for r in range(n)], [(0, 16), (1, 16)],
              [(r, 1) for r in range(n)], [(r, 1) for r in range(n)]]
-    _sink_schedule_pair(steps, n, 4096, seed=43)
+    _run_schedule("tq4", 64, 16, 2, 2, torch.bfloat16, steps, seed=43, num_blocks=48, lengths=64)
 
 
 def test_write_staging_matches_reference():

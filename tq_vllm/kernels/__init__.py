@@ -716,15 +716,11 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
     In a step where every row decodes one token no query reads a block completed in it (its own block is exact):
     the store's sink-table entries wait for the staging launch after the attention (no commit launch of their own),
     and from STORE_OVERLAP_ROWS rows on CUDA the store runs beside the attention on a second stream."""
-    if not use_triton(query, force):
-        store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force)
-        out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta,
-                              force=force, sink=sink, workspace=workspace)
-        write_staging(staging, key, value, plan, force=force)
-        return out
-    meta = _meta(plan, key.shape[1], query.shape[1], meta)
-    decode_only = meta.num_decode_rows == plan.num_rows
-    side = _side_stream(query.device) if query.is_cuda and _store_beside(query, plan, meta) else None
+    tri = use_triton(query, force)
+    if tri:
+        meta = _meta(plan, key.shape[1], query.shape[1], meta)
+    decode_only = tri and meta.num_decode_rows == plan.num_rows
+    side = _side_stream(query.device) if tri and query.is_cuda and _store_beside(query, plan, meta) else None
     if side is not None:
         if sink is not None:  # any (re-)allocation of the pending entries on this stream, before the fork
             _pending_args(sink, plan)

@@ -384,8 +384,8 @@ def _tq_staging_kernel(KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s
                        D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr, H: tl.constexpr = 1,
                        COMMIT: tl.constexpr = False, CH: tl.constexpr = 16):
     """Copy the exact K/V of each row's open block (positions max(ctx, seq//B*B) .. seq-1) into its slot. COMMIT:
-    program (r, h) also commits the pending sink entries r, r + R, ... (`_sink_commit`; the store ran beside the
-    attention, so its sink-table writes wait until here)."""
+    program (r, h) also commits the pending sink entries r, r + R, ... (`_sink_commit`; in a step where every row
+    decodes one token the store's sink-table writes wait until after the attention, which may run beside it)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     if COMMIT:
