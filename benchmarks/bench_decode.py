@@ -101,7 +101,11 @@ def tq_decode_case(preset, R, ctx, B, dtype=torch.bfloat16):
                                    sink=sink)
     pages = (L - 1) // B
     nbytes = R * HK * (pages * codec.layout.page_bytes + (L - pages * B) * D * 2 * 2)
-    return fn, nbytes, dict(splits=meta.num_splits, bytes_per_token=C)
+    K.LAST_DECODE_LAUNCH.clear()
+    fn()  # the launch actually taken (the 4-warp or the narrow decode launch)
+    launch = dict(K.LAST_DECODE_LAUNCH)
+    return fn, nbytes, dict(splits=launch["splits"], warps=launch["num_warps"], tile=launch["tile"],
+                            bytes_per_token=C)
 
 
 def fa_decode_case(R, ctx, B, dtype=torch.bfloat16):

@@ -237,11 +237,13 @@ def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, monkeypat
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
-def _split_attention_op(H, G, num_decode_rows, nsplit):
-    """A PagedSim step op: the reference store, then the Triton attention with `nsplit` decode splits into a
-    NaN-poisoned output, checked against the reference attention (which the step keeps)."""
+def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False):
+    """A PagedSim step op: the reference store, then the Triton attention with `nsplit` decode splits (of the narrow
+    launch with `narrow`) into a NaN-poisoned output, checked against the reference attention (which the step
+    keeps)."""
     def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
-        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=num_decode_rows), num_splits=nsplit)
+        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=num_decode_rows), num_splits=nsplit,
+                                   narrow_splits=nsplit if narrow else 0)
         ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
         out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
         K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
@@ -307,6 +309,59 @@ def test_choose_splits_waves_and_tiles():
     assert choose_splits(0, 8, 1000, 128, 132) == 1
     assert [choose_splits(R, 8, L, 128, 132) for R, L in ((64, 8448), (32, 32768), (8, 8192), (1, 1024))] == \
         [3, 6, 8, 4]  # the shapes timed in the docstring
+
+
+@pytest.mark.parametrize("D,B,G", [(64, 16, 4), (128, 32, 1)])
+def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
+    """The narrow decode launch (one warp, 32-token tiles; large batches) on the 4-bit grid path: contexts not
+    multiples of B or of the tile, 1, 3 and 7 splits (empty splits for the short row), against the reference."""
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    H = 2
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    q, k, v = _seqs(3, 200, H, G, D, torch.bfloat16, seed=_seed("narrow", D, B, G))
+    base = PagedSim(codec, H, num_blocks=64, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    base.step(ref.forward_step, [(0, 171), (1, 9), (2, 100)], q, k, v, scale)
+    for nsplit in (1, 3, 7):
+        K.LAST_DECODE_LAUNCH.clear()
+        copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, narrow=True), [(0, 1), (1, 1), (2, 1)], q, k,
+                                 v, scale)
+        assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1)
+
+
+def test_narrow_decode_choice(monkeypatch):
+    """Which layers and batches take the narrow decode launch, and its split count: just under 3 waves of 12
+    programs per SM, >= 8 tiles a split, at most 64; none below 256 (row, KV head) pairs or 512K tokens."""
+    from tq_vllm.kernels.params import NARROW_MIN_PAIRS, NARROW_MIN_TOKENS, narrow_splits
+    assert K._narrow_ok({"VMODE": 1, "PROD": False}, 128, 32)
+    assert not K._narrow_ok({"VMODE": 2, "PROD": False}, 128, 32)  # 3-bit values: not measured
+    assert not K._narrow_ok({"VMODE": 1, "PROD": True}, 128, 32)
+    assert not K._narrow_ok({"VMODE": 1, "PROD": False}, 256, 32)
+    assert not K._narrow_ok({"VMODE": 1, "PROD": False}, 128, 64)
+    g = torch.Generator().manual_seed(_seed("narrow-splits"))
+    for _ in range(300):
+        R, H = int(torch.randint(1, 257, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g))
+        L = int(torch.randint(1, 131072, (1,), generator=g))
+        sms = int(torch.randint(8, 200, (1,), generator=g))
+        S = narrow_splits(R, H, L, sms)
+        if R * H < NARROW_MIN_PAIRS or R * L < NARROW_MIN_TOKENS:
+            assert S == 0
+            continue
+        tiles = -(-L // 32)
+        assert 1 <= S <= 64 and (S == 1 or (R * H * S <= 2.9 * 12 * sms and tiles // S >= 8)), (R, H, L, sms, S)
+        assert S == 1 or S == 64 or tiles // (S + 1) < 8 or R * H * (S + 1) > 2.9 * 12 * sms
+    # the environment: 0 turns it off, an explicit launch configuration holds for every batch
+    plan = dataclasses.make_dataclass("P", ["num_rows", "block_size", "max_seq_len", "seq_lens"])(
+        64, 32, 8192, torch.zeros(1))
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == narrow_splits(64, 8, 8192, 8) > 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "0")
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "auto")
+    monkeypatch.setenv("TQ_VLLM_DECODE_CFG", "4,2")
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "sometimes")
+    with pytest.raises(ValueError, match="TQ_VLLM_DECODE_NARROW"):
+        K.prepare(plan, 8, 32, num_decode_rows=64)
 
 
 def test_head_dim_256_and_long_decode():
@@ -434,6 +489,18 @@ def test_gpu_llama_shapes(preset, lut, monkeypatch):
     sched = [[(0, 1500), (1, 700)], [(0, 1), (1, 1), (2, 2048)], [(0, 1), (1, 1), (2, 1)],
              [(0, 1), (1, 1), (2, 1), (3, 515)]]
     _run_schedule(preset, 128, 16, 8, 4, torch.bfloat16, sched, seed=1, num_blocks=512, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [16, 32])
+def test_gpu_narrow_decode(B, monkeypatch):
+    """The narrow decode launch (one warp at 168 registers, the real asm) at Llama shapes against the reference."""
+    monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "1")
+    K.LAST_DECODE_LAUNCH.clear()
+    sched = [[(0, 1500), (1, 700)], [(0, 1), (1, 1), (2, 2048)], [(0, 1), (1, 1), (2, 1)],
+             [(0, 1), (1, 1), (2, 1), (3, 515)]]
+    _run_schedule("tq4", 128, B, 8, 4, torch.bfloat16, sched, seed=3, num_blocks=512, device="cuda")
+    assert K.LAST_DECODE_LAUNCH["num_warps"] == 1 and K.LAST_DECODE_LAUNCH["tile"] == K.NARROW_TILE
 
 
 @pytest.mark.gpu

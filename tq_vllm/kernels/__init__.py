@@ -27,7 +27,8 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import DC, choose_splits, layout_constexprs, next_pow2, num_sms, store_constexprs, tables
+from .params import (DC, NARROW_CFG, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2, num_sms,
+                     store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
@@ -65,11 +66,15 @@ def triton_cdiv(a: int, b: int) -> int:
 # 0.995 (uncapped, 168 used, no prefetch); prefill 4 warps with 64 score columns 14.5 ms vs 23.2 (8 warps, 128).
 _CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": (4, 1), "DEQUANT": (8, 1),
                 "FILL": (4, 1)}
-_MAXNREG_DEFAULT = {"DECODE": 128}
+# store at most 128 registers (4 programs per SM instead of 3 at its 154; 144 B spilled instead of 136): 16K-token
+# chunk 289 -> 265 us (tq4), 350 -> 284 (tq3); a decode step completing 64 blocks 42.5 -> 35.7 us (H200, 2026-11-27,
+# bench_store.py, store_variants.jsonl "2026-11-27n"; 144 registers: no change)
+_MAXNREG_DEFAULT = {"DECODE": 128, "STORE": 128}
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
 _PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
 LAST_KERNELS: dict = {}  # name -> last CompiledKernel launched (for inspection: n_regs, n_spills, shared, asm)
+LAST_DECODE_LAUNCH: dict = {}  # the last decode launch's splits, tile and warps (benchmarks, tests)
 
 
 _FALLBACK_USED: dict = {}
@@ -116,11 +121,28 @@ def _lz(name: str, kw: dict) -> int:
     return int(name == "DECODE" and kw.get("VMODE") == 1)
 
 
+def _narrow_ok(kw: dict, D: int, B: int) -> bool:
+    """The layers the narrow decode launch was measured for: 4-bit grid values (the tq4 family), no QJL keys,
+    head_dim <= 128, blocks <= 32 tokens; the others keep the 4-warp launch."""
+    return kw.get("VMODE") == 1 and not kw["PROD"] and D <= 128 and B <= 32
+
+
+def _programs_per_sm(name: str) -> int:
+    """Programs of launch `name` resident per SM when registers bind (64K registers per SM on sm_80/sm_90): the
+    wave size the split count plans for. 4 for the decode default (4 warps at 128 registers)."""
+    nreg = _maxnreg(name) or 255
+    return max(1, min(32, 65536 // (nreg * 32 * _cfg(name)["num_warps"])))
+
+
+def _maxnreg(name: str) -> int:
+    return int(os.environ.get(f"TQ_VLLM_{name}_MAXNREG", _MAXNREG_DEFAULT.get(name, 0)))
+
+
 def _cfg(name: str):
     v = os.environ.get(f"TQ_VLLM_{name}_CFG")
     w, st = (int(x) for x in v.split(",")) if v else _CFG_DEFAULT[name]
     cfg = dict(num_warps=w, num_stages=st)
-    nreg = int(os.environ.get(f"TQ_VLLM_{name}_MAXNREG", _MAXNREG_DEFAULT.get(name, 0)))
+    nreg = _maxnreg(name)
     if nreg and not _interp():
         cfg["maxnreg"] = nreg  # caps registers per thread (more programs per SM, maybe spills)
     if name in _PF_DEFAULT:
@@ -174,6 +196,9 @@ class KernelMeta:
     num_splits: int
     decode_tile: int
     prefill_qt: int
+    # split count of the narrow decode launch (params.NARROW_CFG) where the batch is large enough, else 0; the launch
+    # takes it when the layer's codes allow (`_narrow_ok`)
+    narrow_splits: int = 0
     # host (query_start_loc [R+1], seq_lens [R], ctx_lens [R]) of the step, for the prefill plan (None: read the
     # plan's tensors when first needed)
     host_rows: tuple | None = None
@@ -213,13 +238,23 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
     sms = num_sms(dev.index or 0) if dev.type == "cuda" else 8
     tile = int(os.environ.get("TQ_VLLM_DECODE_TILE", DECODE_TILE)) or (128 if next_pow2(plan.block_size) <= 32 else 64)
     factor = float(os.environ.get("TQ_VLLM_SPLIT_FACTOR", "2"))
-    S = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, tile, sms, factor)
+    S = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, tile, sms, factor,
+                      per_sm=_programs_per_sm("DECODE"))
+    narrow = 0
+    mode = os.environ.get("TQ_VLLM_DECODE_NARROW", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_DECODE_NARROW={mode!r}: choose auto, 0 or 1")
+    if mode != "0" and not any(f"TQ_VLLM_DECODE_{k}" in os.environ for k in ("CFG", "TILE", "MAXNREG", "SPLITS")):
+        # (an explicit launch configuration from the environment, for sweeps, holds for every batch)
+        narrow = narrow_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, sms)
+        if mode == "1" and num_decode_rows > 0:
+            narrow = narrow or choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, NARROW_TILE, sms, factor)
     S = int(os.environ.get("TQ_VLLM_DECODE_SPLITS", "0")) or S  # fixed split count (benchmark sweeps)
     G = (num_q_heads // num_kv_heads) if num_q_heads else 1
     GP = max(next_pow2(G), int(os.environ.get("TQ_VLLM_MIN_GP", "1")))
     qt = max(1, int(os.environ.get("TQ_VLLM_PREFILL_ROWS", PREFILL_ROWS)) // GP)
     return KernelMeta(num_decode_rows=int(num_decode_rows), num_splits=S, decode_tile=tile, prefill_qt=qt,
-                      host_rows=host_rows)
+                      host_rows=host_rows, narrow_splits=int(narrow))
 
 
 def _meta(plan, H, Hq, meta):
@@ -472,14 +507,20 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]))
     nd = meta.num_decode_rows
     if nd > 0:
-        S = meta.num_splits
-        BP, BPS, TP, SUBT = _tile_cfg(B, meta.decode_tile)
+        S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
+        if meta.narrow_splits and _narrow_ok(kw, D, B):
+            S, tile = meta.narrow_splits, NARROW_TILE
+            cfg.update(NARROW_CFG)
+            if _interp():
+                cfg.pop("maxnreg")
+        LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"])
+        BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
-            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kw), **_cfg("DECODE"), **kw),
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kw), **cfg, **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (

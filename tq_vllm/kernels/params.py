@@ -179,3 +179,27 @@ def choose_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, tile_token
     small = min(math.ceil(factor * sms / pairs), math.ceil(tiles / 2))
     large = min((waves * per_sm * sms) // pairs, tiles // min_tiles)
     return int(max(1, min(max(small, large), 64)))
+
+
+# The narrow decode launch: one warp per program over 32-token tiles at up to 168 registers (12 programs per SM), for
+# large decode batches. Its reductions over a tile's tokens stay inside one warp (no barrier rounds between warps; the
+# 4-warp program meets at 19 per tile). Measured on an H200 (tq4, B = 32, 2026-11-27, decode_variants.jsonl
+# "2026-11-27n"), against the 4-warp launch at its split count: 32 x 32K 0.609 vs 0.673 ms, 64 x 8K 0.343 vs 0.361 (8
+# splits; 9 took 0.361), 16 x 32K 0.347 vs 0.353-0.363, 8 x 8K 0.062 vs 0.064 (24 splits; 16, 20, 28 and 32 took
+# 0.067-0.081); slower at 64 x 4K (0.210 vs 0.202), 4 x 32K (0.117 vs 0.111) and 1 x 32K (0.079 vs 0.047).
+NARROW_CFG = dict(num_warps=1, num_stages=2, maxnreg=168)
+NARROW_TILE = 32
+NARROW_MIN_PAIRS = 256  # (decode rows x KV heads) from which the narrow launch is used ...
+NARROW_MIN_TOKENS = 512 * 1024  # ... when rows x max_seq_len reaches this too
+NARROW_WAVES = 2.9  # its split count keeps the page programs just under 3 waves (64 x 8 pairs: 8 splits, 32 x 8: 17)
+
+
+def narrow_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+    """Split count of the narrow decode launch for this batch (host ints only: CUDA-graph safe), 0 where the batch
+    is too small for it (the 4-warp launch is as fast or faster there)."""
+    pairs = num_rows * num_kv_heads
+    if pairs < NARROW_MIN_PAIRS or num_rows * max_seq_len < NARROW_MIN_TOKENS:
+        return 0
+    per_sm = 65536 // (NARROW_CFG["maxnreg"] * 32 * NARROW_CFG["num_warps"])
+    tiles = max(1, math.ceil(max_seq_len / NARROW_TILE))
+    return int(max(1, min(math.floor(NARROW_WAVES * per_sm * sms / pairs), tiles // 8, 64)))
