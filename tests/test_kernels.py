@@ -329,6 +329,35 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
         assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1)
 
 
+def test_reduce_split_product_is_fp32_exact(monkeypatch):
+    """The split reduction's inverse rotation with the ±1 matrix in bf16 and the sum split in three bf16 parts
+    equals the fp32 product (TQ_VLLM_REDUCE_PM1=0) to fp32 rounding, seen through an fp32 output (a two-part split
+    would be off by ~1e-5, one part by ~4e-3)."""
+    D, B, H, G = 64, 16, 2, 4
+    codec = LayerCodec("tq4", D, B, device=DEV)
+    assert K.tables(codec, DEV).rot_for(torch.bfloat16)[1]  # Hadamard rotation: the ±1 path applies
+    q, k, v = _seqs(3, 200, H, G, D, torch.bfloat16, seed=_seed("reduce-pm1"))
+    sim = PagedSim(codec, H, num_blocks=64, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    sim.step(ref.forward_step, [(0, 150), (1, 70), (2, 99)], q, k, v, scale)
+    got = {}
+
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=3), num_splits=3)
+        for pm1 in ("1", "0"):  # (auto would take the fp32 product for these 3 x 2 pairs)
+            monkeypatch.setenv("TQ_VLLM_REDUCE_PM1", pm1)
+            out = torch.full(q_.shape, float("nan"), dtype=torch.float32, device=q_.device)
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
+                              sink=sink)
+            got[pm1] = out
+        return ref.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+
+    sim.step(op, [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+    a, b = got["1"], got["0"]
+    assert not torch.isnan(a).any() and not torch.isnan(b).any()
+    assert (a - b).abs().max() <= 1e-6 * b.abs().max(), (a - b).abs().max()
+
+
 def test_narrow_decode_choice(monkeypatch):
     """Which layers and batches take the narrow decode launch, and its split count: just under 3 waves of 12
     programs per SM, >= 8 tiles a split, at most 64; none below 256 (row, KV head) pairs or 512K tokens."""

@@ -27,7 +27,7 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_CFG, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2, num_sms,
+from .params import (DC, NARROW_CFG, NARROW_MIN_PAIRS, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2, num_sms,
                      store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
@@ -523,9 +523,18 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kw), **cfg, **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
+        # large batches: the inverse rotation as three bf16 tensor-core products with the ±1 matrix (the fp32 sum
+        # split in three parts, as exact as fp32); small ones keep the fp32 FMA product. H200, 2026-11-27
+        # (decode_variants.jsonl "2026-11-27n" call 18), decode + reduction, ms: 64 x 8K 0.3399 vs 0.3454, 128 x 4K
+        # 0.3510 vs 0.3547, 32 x 32K 0.6470 vs 0.6467; 1 x 1K 0.0175 vs 0.0168, 8 x 8K 0.0639 vs 0.0632
+        rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
+        mode = os.environ.get("TQ_VLLM_REDUCE_PM1", "auto")
+        if mode == "0" or (mode == "auto" and nd * H < NARROW_MIN_PAIRS):
+            rot, rpm1, rrsd = tb.rot, False, 1.0
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
-            po, pml, tb.rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1), dict(
-            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, **_cfg("REDUCE")))
+            po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd), dict(
+            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(),
+            **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:

@@ -659,12 +659,15 @@ def _tq_attn_kernel(
 
 
 @triton.jit(do_not_specialize=["NS1", "nd"])
-def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1,
+def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                      S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1):
+                      S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1, PM1: tl.constexpr = False,
+                      INTERP: tl.constexpr = False):
     """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
     0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
-    already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once)."""
+    already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once).
+    PM1: PI holds sqrt(D)*Π = ±1 in bf16 (exact) and the fp32 sum is split into three bf16 parts (24 bits), so three
+    tensor-core products with fp32 accumulation give the fp32 product (times rsd); else PI is fp32 Π (FMA product)."""
     h = tl.program_id(1)
     n = tl.arange(0, RB * GP)
     gg = n % GP
@@ -700,7 +703,14 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1,
         o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & ok[None, :])[:, :, None], other=0.0)
                    * wr[:, :, None], axis=0)  # [RG, DC]
         pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
-        out += tl.dot(o, pr, input_precision="ieee")
+        if PM1:
+            o1 = o.to(tl.bfloat16)
+            r1 = o - o1.to(tl.float32)
+            o2 = r1.to(tl.bfloat16)
+            o3 = (r1 - o2.to(tl.float32)).to(tl.bfloat16)
+            out += (_mdot(o1, pr, INTERP) + _mdot(o2, pr, INTERP) + _mdot(o3, pr, INTERP)) * rsd
+        else:
+            out += tl.dot(o, pr, input_precision="ieee")
     out = out / lt[:, None]
     optr = OUT + qs.to(tl.int64)[:, None] * s_ot + (h * G + gg)[:, None] * s_oh + dd[None, :]
     tl.store(optr, out.to(OUT.dtype.element_ty), mask=(ok & (gg < G))[:, None] & dm[None, :])
