@@ -27,8 +27,8 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_CFG, NARROW_MIN_PAIRS, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2, num_sms,
-                     store_constexprs, tables)
+from .params import (DC, NARROW_CFG, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2,
+                     num_sms, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
@@ -49,6 +49,11 @@ DEQUANT_PAGES = 0
 # decode rows per split-reduction program (TQ_VLLM_REDUCE_ROWS; their heads share one product with Π, read once per
 # program instead of once per row); 1 until measured on a GPU
 REDUCE_ROWS = 1
+# (decode rows x KV heads) from which the split reduction rotates back with three bf16 tensor-core products of the ±1
+# matrix (the fp32 sum split in three parts: as exact as fp32) instead of an fp32 FMA product (TQ_VLLM_REDUCE_PM1=auto).
+# H200, 2026-11-27 (decode_variants.jsonl "2026-11-27n" call 18), decode + reduction, ms: 64 x 8K 0.3399 vs 0.3454,
+# 128 x 4K 0.3510 vs 0.3547, 32 x 32K 0.6470 vs 0.6467; below: 1 x 1K 0.0175 vs 0.0168, 8 x 8K 0.0639 vs 0.0632
+REDUCE_PM1_PAIRS = 256
 # decode rows from which a step's store runs beside its attention on a second stream. One layer's step in a CUDA graph
 # (H200, 2026-11-27, bench_step.py, step_variants.jsonl): the fork and join cost 3.7 us at 1 row and 0.6-3.5 at 4 to
 # 64 rows when no block completes, and save 17 us (1 x 32K), 23 us (16 x 8K) and 22 us (64 x 8K, 2 blocks) when
@@ -523,13 +528,9 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kw), **cfg, **kw),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
-        # large batches: the inverse rotation as three bf16 tensor-core products with the ±1 matrix (the fp32 sum
-        # split in three parts, as exact as fp32); small ones keep the fp32 FMA product. H200, 2026-11-27
-        # (decode_variants.jsonl "2026-11-27n" call 18), decode + reduction, ms: 64 x 8K 0.3399 vs 0.3454, 128 x 4K
-        # 0.3510 vs 0.3547, 32 x 32K 0.6470 vs 0.6467; 1 x 1K 0.0175 vs 0.0168, 8 x 8K 0.0639 vs 0.0632
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
         mode = os.environ.get("TQ_VLLM_REDUCE_PM1", "auto")
-        if mode == "0" or (mode == "auto" and nd * H < NARROW_MIN_PAIRS):
+        if mode == "0" or (mode == "auto" and nd * H < REDUCE_PM1_PAIRS):
             rot, rpm1, rrsd = tb.rot, False, 1.0
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
             po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd), dict(

@@ -185,8 +185,9 @@ def choose_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, tile_token
 # large decode batches. Its reductions over a tile's tokens stay inside one warp (no barrier rounds between warps; the
 # 4-warp program meets at 19 per tile). Measured on an H200 (tq4, B = 32, 2026-11-27, decode_variants.jsonl
 # "2026-11-27n"), against the 4-warp launch at its split count: 32 x 32K 0.609 vs 0.673 ms, 64 x 8K 0.343 vs 0.361 (8
-# splits; 9 took 0.361), 16 x 32K 0.347 vs 0.353-0.363, 8 x 8K 0.062 vs 0.064 (24 splits; 16, 20, 28 and 32 took
-# 0.067-0.081); slower at 64 x 4K (0.210 vs 0.202), 4 x 32K (0.117 vs 0.111) and 1 x 32K (0.079 vs 0.047).
+# splits; 9 took 0.361); below the thresholds (4-warp launch kept): 16 x 32K 0.347 vs 0.353-0.363 and 8 x 8K 0.062 vs
+# 0.064 only at the best of several split counts (24 splits; 16, 20, 28 and 32 took 0.067-0.081), slower at 64 x 4K
+# (0.210 vs 0.202), 4 x 32K (0.117 vs 0.111) and 1 x 32K (0.079 vs 0.047).
 NARROW_CFG = dict(num_warps=1, num_stages=2, maxnreg=168)
 NARROW_TILE = 32
 NARROW_MIN_PAIRS = 256  # (decode rows x KV heads) from which the narrow launch is used ...
