@@ -290,6 +290,19 @@ def test_lz_defaults(monkeypatch):
     assert (K._lz("DECODE", {"VMODE": 1}), K._lz("PREFILL", {"VMODE": 0})) == (0, 1)
 
 
+def test_store_register_cap_by_codes(monkeypatch):
+    """The store's 128-register cap applies to codes of <= 4 bits without QJL (where it was measured); 8-bit codes and
+    prod keys keep the uncapped kernel; TQ_VLLM_STORE_MAXNREG overrides either way."""
+    from tq_vllm.kernels.params import store_constexprs
+    monkeypatch.setattr(K, "_interp", lambda: False)  # the interpreter takes no register cap at all
+    monkeypatch.delenv("TQ_VLLM_STORE_MAXNREG", raising=False)
+    caps = {p: K._store_cfg(store_constexprs(LayerCodec(p, 128, 32).layout)).get("maxnreg")
+            for p in ("tq4", "tq3", "tq25", "tq8", "tq4-prod")}
+    assert caps == {"tq4": 128, "tq3": 128, "tq25": 128, "tq8": None, "tq4-prod": None}
+    monkeypatch.setenv("TQ_VLLM_STORE_MAXNREG", "96")
+    assert K._store_cfg(store_constexprs(LayerCodec("tq8", 128, 32).layout))["maxnreg"] == 96
+
+
 def test_choose_splits_waves_and_tiles():
     """Split counts: at most 64; large batches keep at most 3 waves of 4 programs per SM and >= 8 tiles a split
     (unless the small-batch rule asks for more); small batches fill the GPU twice over with >= 2 tiles a split."""

@@ -73,7 +73,8 @@ _CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": 
                 "FILL": (4, 1)}
 # store at most 128 registers (4 programs per SM instead of 3 at its 154; 144 B spilled instead of 136): 16K-token
 # chunk 289 -> 265 us (tq4), 350 -> 284 (tq3); a decode step completing 64 blocks 42.5 -> 35.7 us (H200, 2026-11-27,
-# bench_store.py, store_variants.jsonl "2026-11-27n"; 144 registers: no change)
+# bench_store.py, store_variants.jsonl "2026-11-27n"; 144 registers: no change); for codes of <= 4 bits without QJL
+# only (`_store_cfg`)
 _MAXNREG_DEFAULT = {"DECODE": 128, "STORE": 128}
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
@@ -339,6 +340,16 @@ def commit_sink(sink, plan: StepPlan, key: torch.Tensor, force: str | None = Non
         H=H, D=D, DP=next_pow2(D), CH=16, num_warps=1))
 
 
+def _store_cfg(kw: dict) -> dict:
+    """The store's launch configuration. The 128-register cap (`_MAXNREG_DEFAULT`) holds for codes of at most 4 bits
+    without QJL (measured: tq4, tq3); 8-bit codes and prod keys would spill 384 B / 4 KB under it (offline, sm_90) and
+    keep the uncapped kernel unless TQ_VLLM_STORE_MAXNREG says otherwise."""
+    cfg = _cfg("STORE")
+    if (kw["PROD"] or max(kw["KBITS"], kw["VBITS"]) > 4) and "TQ_VLLM_STORE_MAXNREG" not in os.environ:
+        cfg.pop("maxnreg", None)
+    return cfg
+
+
 def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None,
                  defer_sink: bool = False) -> None:
@@ -388,7 +399,7 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
         staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd,
         *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink, KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
-        **_cfg("STORE"), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
+        **_store_cfg(kw), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
     if has_sink and not defer_sink:
         commit_sink(sink, plan, key, force=force)
 
