@@ -28,7 +28,7 @@ from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
 from .params import (DC, NARROW_CFG, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2,
-                     num_sms, store_constexprs, tables)
+                     num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
@@ -134,10 +134,9 @@ def _narrow_ok(kw: dict, D: int, B: int) -> bool:
 
 
 def _programs_per_sm(name: str) -> int:
-    """Programs of launch `name` resident per SM when registers bind (64K registers per SM on sm_80/sm_90): the
-    wave size the split count plans for. 4 for the decode default (4 warps at 128 registers)."""
-    nreg = _maxnreg(name) or 255
-    return max(1, min(32, 65536 // (nreg * 32 * _cfg(name)["num_warps"])))
+    """Programs of launch `name` resident per SM (`params.programs_per_sm`): the wave size the split count plans
+    for. 4 for the decode default (4 warps at 128 registers)."""
+    return programs_per_sm(_maxnreg(name), _cfg(name)["num_warps"])
 
 
 def _maxnreg(name: str) -> int:

@@ -195,12 +195,17 @@ NARROW_MIN_TOKENS = 512 * 1024  # ... when rows x max_seq_len reaches this too
 NARROW_WAVES = 2.9  # its split count keeps the page programs just under 3 waves (64 x 8 pairs: 8 splits, 32 x 8: 17)
 
 
+def programs_per_sm(maxnreg: int, num_warps: int) -> int:
+    """Programs resident per SM when registers bind (64K registers per SM on sm_80/sm_90; 0 = uncapped, 255)."""
+    return max(1, min(32, 65536 // ((maxnreg or 255) * 32 * num_warps)))
+
+
 def narrow_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
     """Split count of the narrow decode launch for this batch (host ints only: CUDA-graph safe), 0 where the batch
     is too small for it (the 4-warp launch is as fast or faster there)."""
     pairs = num_rows * num_kv_heads
     if pairs < NARROW_MIN_PAIRS or num_rows * max_seq_len < NARROW_MIN_TOKENS:
         return 0
-    per_sm = 65536 // (NARROW_CFG["maxnreg"] * 32 * NARROW_CFG["num_warps"])
+    per_sm = programs_per_sm(NARROW_CFG["maxnreg"], NARROW_CFG["num_warps"])
     tiles = max(1, math.ceil(max_seq_len / NARROW_TILE))
     return int(max(1, min(math.floor(NARROW_WAVES * per_sm * sms / pairs), tiles // 8, 64)))
