@@ -63,7 +63,7 @@ def install(arch: int):
     real_lut = K._lut_modes
     K._launch = launch
     K.use_triton = lambda t, force=None: True
-    K._lut_modes = lambda codec, device, RK, RV: real_lut(codec, _FakeCudaDevice(), RK, RV)
+    K._lut_modes = lambda codec, device, RK, RV, *a: real_lut(codec, _FakeCudaDevice(), RK, RV, *a)
     return compiled
 
 

@@ -222,18 +222,21 @@ def test_forward_step_matches_reference(preset, D, B, H, G, dtype):
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed(preset, D, B, G))
 
 
-@pytest.mark.parametrize("preset,D,B,H,G,dtype", [("tq4", 64, 16, 2, 4, torch.bfloat16),
-                                                 ("tq4", 96, 32, 1, 7, torch.float16),
-                                                 ("tq35", 128, 16, 1, 8, torch.bfloat16)])
-def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, monkeypatch):
-    """4-bit grid codes through the asm's path (fp16 GRID_BASE + u, offset and delta removed after the dots), with
-    the asm's values gathered from a table (TQ_VLLM_LUT=emulate; the asm itself: test_kernels_lut.py and the GPU
-    tests): decode splits and the fused prefill equal the reference."""
+@pytest.mark.parametrize("preset,D,B,H,G,dtype,form", [("tq4", 64, 16, 2, 4, torch.bfloat16, "signed"),
+                                                      ("tq4", 96, 32, 1, 7, torch.float16, "signed"),
+                                                      ("tq4", 96, 32, 1, 7, torch.float16, "offset"),
+                                                      ("tq35", 128, 16, 1, 8, torch.bfloat16, "signed")])
+def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, form, monkeypatch):
+    """4-bit grid codes through the asm's path, in its signed form (fp16 ±a · 2^-24, scaled after the dots) or its
+    offset form (fp16 GRID_BASE + u, offset and delta removed after the dots), with the asm's values gathered from a
+    table (TQ_VLLM_LUT=emulate; the asm itself: test_kernels_lut.py and the GPU tests): decode splits and the fused
+    prefill equal the reference."""
     monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    monkeypatch.setenv("TQ_VLLM_LUT4", form)
     codec = LayerCodec(preset, D, B)
     modes = K._lut_modes(codec, torch.device(DEV), 2, 2)  # 4-bit planes are read with 2 lattices
     assert modes["KMODE"] == 1 and modes["VMODE"] == (1 if codec.layout.v_bits == 4 else 0), modes
-    assert modes["KDEL"] != 1.0
+    assert modes["KDEL"] != 1.0 and modes["KSG"] == (form == "signed")
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
@@ -339,7 +342,12 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
         K.LAST_DECODE_LAUNCH.clear()
         copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, narrow=True), [(0, 1), (1, 1), (2, 1)], q, k,
                                  v, scale)
-        assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1)
+        assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1, lut4=K.NARROW_LUT4)
+    # the 4-warp launch of the same step takes the signed form (each form is checked against the reference)
+    K.LAST_DECODE_LAUNCH.clear()
+    copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+    launch = K.LAST_DECODE_LAUNCH
+    assert (launch["splits"], launch["num_warps"], launch["lut4"]) == (3, 4, "signed"), launch
 
 
 def test_reduce_split_product_is_fp32_exact(monkeypatch):

@@ -48,7 +48,7 @@ def run_ptx(asm: str, inputs: list[int], nout: int) -> list[int]:
         r = {"mov.b32": lambda: src[0], "not.b32": lambda: ~src[0] & M32, "and.b32": lambda: src[0] & src[1],
              "or.b32": lambda: src[0] | src[1], "xor.b32": lambda: src[0] ^ src[1],
              "shl.b32": lambda: (src[0] << src[1]) & M32, "shr.u32": lambda: src[0] >> src[1],
-             "mul.lo.u32": lambda: (src[0] * src[1]) & M32, "prmt.b32": lambda: _prmt(*src)}[op]()
+             "mul.lo.u32": lambda: (src[0] * src[1]) & M32, "sub.u32": lambda: (src[0] - src[1]) & M32, "prmt.b32": lambda: _prmt(*src)}[op]()
         regs[d] = r
     return [regs[f"${i}"] for i in range(nout)]
 
@@ -58,25 +58,30 @@ def _halves(words):
 
 
 @pytest.mark.parametrize("D", [64, 96, 128, 256])
-@pytest.mark.parametrize("bits,lattices", [(4, 2), (3, 4), (2, 4)])
-def test_prmt_lut_matches_model(D, bits, lattices):
+@pytest.mark.parametrize("bits,lattices,form", [(4, 2, "signed"), (4, 2, "offset"), (3, 4, "signed"),
+                                                (2, 4, "signed")])
+def test_prmt_lut_matches_model(D, bits, lattices, form):
     c = page_codebook(D, bits, "k")[0]
-    mode, asm, delta = asm_for(bits, lattices, c)
-    assert mode == (1 if bits == 4 else 2)
+    mode, asm, mult, signed = asm_for(bits, lattices, c, form)
+    assert mode == (1 if bits == 4 else 2) and signed == (bits == 4 and form == "signed")
     rnd = random.Random(D * 10 + bits)
     for _ in range(200):
         bs = [rnd.randrange(256) for _ in range(4)]
         x = bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24
         if mode == 1:
             out = run_ptx(asm, [x], 4)
-            exp = emulate(1, c, torch.tensor(bs))
+            exp = emulate(1, c, torch.tensor(bs), signed=signed)
             assert np.array_equal(_halves(out[0:2]), exp[0].numpy())  # low nibbles: lattice 0
             assert np.array_equal(_halves(out[2:4]), exp[1].numpy())  # high nibbles: lattice 1
-            # the kernel's correction: (asm value - GRID_OFFSET) * delta is the centroid
+            # the kernel's correction: signed, asm value * mult; offset, (asm value - GRID_OFFSET) * delta
             for lat, sh in ((out[0:2], 0), (out[2:4], 4)):
                 codes = torch.tensor([(b >> sh) & 15 for b in bs])
-                got = (torch.from_numpy(_halves(lat).astype(np.float64)) - GRID_OFFSET) * delta
+                h = torch.from_numpy(_halves(lat).astype(np.float64))
+                got = h * mult if signed else (h - GRID_OFFSET) * mult
                 assert torch.allclose(got, c[codes].double(), rtol=1e-6, atol=1e-9)
+                if signed:  # subnormal fp16: sign bit and a mantissa below 128, exponent bits 0
+                    bits16 = _halves(lat).view(np.uint16)
+                    assert np.all((bits16 & 0x7C00) == 0) and np.all((bits16 & 0x3FF) < 128)
         else:
             hs = [rnd.randrange(16) if bits == 3 else 0 for _ in range(4)]
             out = run_ptx(asm, [x, hs[0] | hs[1] << 8 | hs[2] << 16 | hs[3] << 24], 8)
@@ -105,8 +110,8 @@ def test_emulation_matches_codebook_decoding():
                 hh = torch.zeros_like(p0)
             lat = emulate(2, c, p0, hh)
         for r in range(R):
-            if bits == 4:  # grid codes: the asm gives GRID_BASE + u, u = c / delta + 63.5
-                _, _, delta = asm_for(4, 2, c)
+            if bits == 4:  # grid codes: the offset form gives GRID_BASE + u, u = c / delta + 63.5
+                _, _, delta, _ = asm_for(4, 2, c, "offset")
                 exp = (c[codes[:, r::R]].double() / delta + GRID_OFFSET).round().to(torch.float16)
                 assert torch.equal(lat[r], exp)
             else:

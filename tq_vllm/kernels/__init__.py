@@ -27,7 +27,7 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_CFG, NARROW_TILE, choose_splits, layout_constexprs, narrow_splits, next_pow2,
+from .params import (DC, NARROW_LUT4, NARROW_TILE, choose_splits, layout_constexprs, narrow_cfg, narrow_splits, next_pow2,
                      num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
@@ -80,7 +80,7 @@ _MAXNREG_DEFAULT = {"DECODE": 128, "STORE": 128}
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
 _PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
 LAST_KERNELS: dict = {}  # name -> last CompiledKernel launched (for inspection: n_regs, n_spills, shared, asm)
-LAST_DECODE_LAUNCH: dict = {}  # the last decode launch's splits, tile and warps (benchmarks, tests)
+LAST_DECODE_LAUNCH: dict = {}  # the last decode launch's splits, tile, warps, 4-bit asm form (benchmarks, tests)
 
 
 _FALLBACK_USED: dict = {}
@@ -523,19 +523,23 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     nd = meta.num_decode_rows
     if nd > 0:
         S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
+        kwd = kw
         if meta.narrow_splits and _narrow_ok(kw, D, B):
             S, tile = meta.narrow_splits, NARROW_TILE
-            cfg.update(NARROW_CFG)
+            cfg.update(narrow_cfg())
+            kwd = {**kw, **_lut_modes(codec, query.device, kw["RK"], kw["RV"], NARROW_LUT4)}
             if _interp():
                 cfg.pop("maxnreg")
-        LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"])
+        LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"],
+                                  lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
+                                  if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
-            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kw), **cfg, **kw),
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), **cfg, **kwd),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
@@ -748,24 +752,28 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
     return out
 
 
-def _lut_modes(codec, device, RK, RV):
+def _lut_modes(codec, device, RK, RV, form: str = "signed"):
     """Decode path of K and V codes: prmt look-ups in inline PTX on CUDA (TQ_VLLM_LUT=gather turns them off;
-    TQ_VLLM_LUT=emulate runs the 4-bit asm's path with its values gathered from a table, also in the interpreter)."""
+    TQ_VLLM_LUT=emulate runs the 4-bit asm's path with its values gathered from a table, also in the interpreter).
+    `form`: the 4-bit grid asm's form (lut.py), "signed" (±a · 2^-24: no offset terms in the kernel) or "offset"
+    (1024 + u); the launch picks it (NARROW_LUT4 for the narrow decode launch), TQ_VLLM_LUT4 overrides."""
     lut = os.environ.get("TQ_VLLM_LUT", "asm")
     if lut not in ("asm", "gather", "emulate"):
         raise ValueError(f"TQ_VLLM_LUT={lut!r}: choose asm, gather or emulate")
     # emulate (tests, the CPU interpreter): grid codes take the asm's path with a table gather in place of the asm
     if lut == "gather" or (lut == "asm" and (device.type != "cuda" or _interp())):
         return dict(KMODE=0, KASM="", VMODE=0, VASM="")
+    form = os.environ.get("TQ_VLLM_LUT4", form)
     cache = codec.__dict__.setdefault("_tq_lut_modes", {})
-    key = (RK, RV, lut)
+    key = (RK, RV, lut, form)
     if key not in cache:
         from .lut import asm_for
-        km, ka, kd = asm_for(codec.layout.k_bits, RK, codec.centroids["k"])
-        vm, va, vd = asm_for(codec.layout.v_bits, RV, codec.centroids["v"])
+        km, ka, kd, ks = asm_for(codec.layout.k_bits, RK, codec.centroids["k"], form)
+        vm, va, vd, vs = asm_for(codec.layout.v_bits, RV, codec.centroids["v"], form)
         if lut == "emulate":
             km, ka, vm, va = (km if km == 1 else 0), "", (vm if vm == 1 else 0), ""
-        cache[key] = dict(KMODE=km, KASM=ka, VMODE=vm, VASM=va, KDEL=kd, VDEL=vd)
+        cache[key] = dict(KMODE=km, KASM=ka, VMODE=vm, VASM=va, KDEL=kd, VDEL=vd, KSG=ks and km == 1,
+                          VSG=vs and vm == 1)
     return cache[key]
 
 

@@ -51,16 +51,17 @@ def _codes(ptr, base, tok, m2, t, R: tl.constexpr, r: tl.constexpr, D: tl.conste
 @triton.jit
 def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: tl.constexpr, W0: tl.constexpr,
              O1: tl.constexpr, W1: tl.constexpr, O2: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
-             ASM: tl.constexpr, mr=None, XP: tl.constexpr = 0, TDIM: tl.constexpr = 1):
+             ASM: tl.constexpr, mr=None, XP: tl.constexpr = 0, TDIM: tl.constexpr = 1, SG: tl.constexpr = False):
     """fp16 centroids of all R lattices of a code tensor (rows base/tok, columns t): up to 4 [N, XP] tensors.
-    MODE 1: 4-bit grid codes as GRID_BASE + u (the caller removes the offset and scales by delta); MODE 2: 2/3-bit
+    MODE 1: 4-bit grid codes, SG: as ±a · 2^-24 (the caller scales by its multiplier), else as GRID_BASE + u (the
+    caller removes the offset and scales by delta); MODE 2: 2/3-bit
     centroids; both by prmt look-ups in inline PTX (lut.py), one load per plane. MODE 0: table gathers (any bits)."""
     if MODE == 1:  # 4-bit codes, R == 2
         b = tl.load(ptr + (base + O0 + tok * (D // 2) + t), mask=m2, other=0)
-        if ASM == "":  # TQ_VLLM_LUT=emulate: the asm's output values (GRID_BASE + u) from the table's tail
+        if ASM == "":  # TQ_VLLM_LUT=emulate: the asm's output values from the table's tail (params.DeviceTables)
             bi = b.to(tl.int32) & 255
-            c0 = tl.load(C16 + 16 + (bi & 15))
-            c1 = tl.load(C16 + 16 + (bi >> 4))
+            c0 = tl.load(C16 + (32 if SG else 16) + (bi & 15))
+            c1 = tl.load(C16 + (32 if SG else 16) + (bi >> 4))
         else:
             c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                                is_pure=True, pack=4)
@@ -284,6 +285,7 @@ def _tq_attn_kernel(
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
+    KSG: tl.constexpr = False, VSG: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -368,7 +370,7 @@ def _tq_attn_kernel(
         if RK > 2:
             qT2 = tl.trans((q_2 / qsc[:, None]).to(tl.float16))
             qT3 = tl.trans((q_3 / qsc[:, None]).to(tl.float16))
-        if KMODE == 1:
+        if KMODE == 1 and not KSG:
             # grid codes decode to GOFF + (u - 63.5): remove GOFF·Σq once per column (qT is exact fp16)
             kcorr = (tl.sum(qT0.to(tl.float32), axis=0) + tl.sum(qT1.to(tl.float32), axis=0)) * GOFF
         if PROD:
@@ -432,16 +434,19 @@ def _tq_attn_kernel(
                     VMSO)
             # ---- keys: centroid dot products, scaled per token ----
             k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
-                                          KMODE, KASM, m2, XK * H1J, 1)
+                                          KMODE, KASM, m2, XK * H1J, 1, KSG)
             x = tl.dot(k0_, qT0)
             if RK > 1:
                 x += tl.dot(k1_, qT1)
             if RK > 2:
                 x += tl.dot(k2_, qT2)
                 x += tl.dot(k3_, qT3)
-            if KMODE == 1:
-                x = (x - kcorr[None, :]) * KDEL
-            sc = x * ks[:, None]
+            if KMODE == 1 and KSG:  # signed grid codes: the dot is proportional to the centroids' (KDEL)
+                sc = x * (ks * KDEL)[:, None]
+            elif KMODE == 1:
+                sc = (x - kcorr[None, :]) * KDEL * ks[:, None]
+            else:
+                sc = x * ks[:, None]
             if KC:
                 n0_, n1_, n2_, n3_ = _dec_raw(kb0, kb1, kb2, tK, CKM, RK, KMW0, KMW1, KMW2)
                 y = tl.dot(n0_, qT0)
@@ -500,8 +505,11 @@ def _tq_attn_kernel(
             tokT = tok[None, :]
             mT = rvalid[None, :] & tVmT
             v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
-                                          VMODE, VASM, rvalid[None, :], XV * H1J, 0)
-            if VMODE == 1 and LZ:  # grid codes (R == 2): GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
+                                          VMODE, VASM, rvalid[None, :], XV * H1J, 0, VSG)
+            if VMODE == 1 and VSG:  # signed grid codes: no offset term
+                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
+                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
+            elif VMODE == 1 and LZ:  # grid codes (R == 2): GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
                 s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
                 acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
@@ -533,7 +541,7 @@ def _tq_attn_kernel(
                 sb_n, spb_n = _tile_bases(bt_row, it + 2, t_hi, n_pages, h, tp, bb, pp, H, PAGE, B, TP, BPS, SUBT)
         if LZ:
             l_i = tl.sum(l_acc, axis=0)
-            if VMODE == 1:
+            if VMODE == 1 and not VSG:
                 vcs = tl.sum(s_acc, axis=0) * (GOFF * VDEL)
                 acc0 -= vcs[None, :]
                 acc1 -= vcs[None, :]

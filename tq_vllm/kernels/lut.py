@@ -11,6 +11,12 @@ the low and high bytes of 4 decoded values, and two more interleave them into 2 
   sign-replicate mode for the other table, which then yields 0x00 (every u has bit 7 clear), so an OR merges them.
   13 instructions per 8 codes (the earlier fp16 look-up took 24). Input: 4 bytes; outputs: the low-nibble values
   (lattice 0) and the high-nibble values (lattice 1).
+* The same codes in the *signed* form (`asm_4bit_signed`, the default): the codebook is symmetric (u[15-k] = 127 -
+  u[k]), so a code's centroid is sign · a · delta/2 with a = |2u - 127| from one 8-entry byte table of magnitudes
+  (codes >= 8 are positive with rank code - 8, codes < 8 negative with rank 7 - code). The asm returns the fp16
+  with sign bit and *subnormal* mantissa a, i.e. ±a · 2^-24, exactly proportional to the centroid: no offset to
+  remove after the dots (the offset form's GRID_OFFSET · Σq and Σp terms), one table register instead of two and
+  no 0x64 register, so ptxas has fewer constants to keep or re-materialize per block.
 * 2- and 3-bit codes (lattices R=4): a 2-bit plane byte holds elements 4t..4t+3 (low bits), the caller passes the
   matching nibble of the 1-bit plane (high bits; 0 for 2-bit codes). The 8 (or 4) centroids form the table.
   Inputs: 4 + 4 bytes; outputs: lattices 0..3.
@@ -35,6 +41,17 @@ def _word(bs: list[int]) -> str:
 
 GRID_BASE = 1024.0  # fp16 0x6400
 GRID_OFFSET = GRID_BASE + 63.5  # decoded fp16 = GRID_OFFSET + (u - 63.5): subtract GRID_OFFSET · Σ, times delta
+SIGNED_UNIT = 2.0 ** 24  # signed form: decoded fp16 = ±a · 2^-24, centroid = decoded · SIGNED_UNIT · delta / 2
+LUT4_FORMS = ("signed", "offset")
+
+
+def grid_magnitudes(u) -> list[int] | None:
+    """The 8 magnitudes a = 2u - 127 of the positive half of a symmetric 16-level grid codebook (ascending), or
+    None where `u` is not symmetric (u[15-k] == 127 - u[k])."""
+    u = [int(x) for x in u]
+    if len(u) != 16 or any(u[15 - k] != 127 - u[k] for k in range(16)):
+        return None
+    return [2 * u[8 + j] - 127 for j in range(8)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,6 +82,37 @@ prmt.b32 $3, tqy, tqc, 0x4341;
 
 
 @functools.lru_cache(maxsize=None)
+def asm_4bit_signed(u: tuple) -> str:
+    """4-bit symmetric grid codes -> fp16 ±a · 2^-24 (sign bit, subnormal mantissa a = |2u[code] - 127|)."""
+    mags = grid_magnitudes(u)
+    assert mags is not None and all(0 < a < 128 for a in mags), u
+    return f"""{{
+.reg .b32 tqt0, tqt1, tqn, tqm, tqs, tqx, tqy, tqa, tqb;
+mov.b32 tqt0, {_word(mags[0:4])};
+mov.b32 tqt1, {_word(mags[4:8])};
+not.b32 tqn, $4;
+and.b32 tqn, tqn, 0x88888888;
+shr.u32 tqm, tqn, 3;
+sub.u32 tqm, tqn, tqm;
+xor.b32 tqs, $4, tqm;
+and.b32 tqs, tqs, 0x77777777;
+prmt.b32 tqx, tqt0, tqt1, tqs;
+shr.u32 tqs, tqs, 16;
+prmt.b32 tqy, tqt0, tqt1, tqs;
+and.b32 tqb, tqn, 0x80808080;
+shl.b32 tqa, tqn, 4;
+and.b32 tqa, tqa, 0x80808080;
+prmt.b32 $0, tqx, tqa, 0x5240;
+prmt.b32 $2, tqx, tqb, 0x5341;
+prmt.b32 $1, tqy, tqa, 0x7260;
+prmt.b32 $3, tqy, tqb, 0x7361;
+}}"""
+# tqn: bit 3 of a nibble set where the code is < 8 (negative centroid); tqm: 7 there, so tqs = the magnitude rank
+# (7 - code for negative codes, code - 8 for positive ones) with bit 3 clear (prmt's sign-replicate bit); tqa / tqb:
+# byte k = 0x80 where the low / high nibble code of byte k is negative, the fp16 sign byte of its value.
+
+
+@functools.lru_cache(maxsize=None)
 def asm_lt4bit(centroids: tuple) -> str:
     """2- or 3-bit codes, 4 lattices. $8 = 2-bit plane bytes, $9 = high-bit nibbles (bit r = lattice r)."""
     c = list(centroids) + [0.0] * (8 - len(centroids))
@@ -83,27 +131,47 @@ def asm_lt4bit(centroids: tuple) -> str:
     return "{\n" + "\n".join(body) + "\n}"
 
 
-def asm_for(codes_bits: int, lattices: int, centroids: torch.Tensor) -> tuple[int, str, float]:
-    """(mode, asm, delta) for decoding codes of `codes_bits` read with `lattices` sub-lattices; mode 0 = no asm.
-    Mode 1 (4-bit grid codes) decodes to GRID_OFFSET + (u - 63.5): the kernel corrects with GRID_OFFSET and delta."""
+def asm_for(codes_bits: int, lattices: int, centroids: torch.Tensor, form: str = "signed"
+            ) -> tuple[int, str, float, bool]:
+    """(mode, asm, multiplier, signed) for decoding codes of `codes_bits` read with `lattices` sub-lattices; mode 0 =
+    no asm. Mode 1 (4-bit grid codes), `form` "signed": decodes to ±a · 2^-24, the centroid is that times the
+    multiplier SIGNED_UNIT · delta / 2 (symmetric codebooks; others take the offset form); "offset": decodes to
+    GRID_OFFSET + (u - 63.5), the kernel removes GRID_OFFSET · Σ and multiplies by delta."""
     from tq_vllm.quant.codebook import grid_of
+    if form not in LUT4_FORMS:
+        raise ValueError(f"TQ_VLLM_LUT4={form!r}: choose one of {', '.join(LUT4_FORMS)}")
     c = tuple(float(x) for x in centroids.detach().cpu().tolist())
     if codes_bits == 4 and lattices == 2:
         g = grid_of(c)
         if g is not None:
-            return 1, asm_4bit(tuple(g[1])), g[0]
+            if form == "signed" and grid_magnitudes(g[1]) is not None:
+                return 1, asm_4bit_signed(tuple(g[1])), g[0] * SIGNED_UNIT / 2, True
+            return 1, asm_4bit(tuple(g[1])), g[0], False
     if codes_bits in (2, 3) and lattices == 4:
-        return 2, asm_lt4bit(c), 1.0
-    return 0, "", 1.0
+        return 2, asm_lt4bit(c), 1.0, False
+    return 0, "", 1.0, False
 
 
-def emulate(mode: int, centroids: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+def grid_values(centroids, signed: bool) -> torch.Tensor | None:
+    """fp16 [16]: what the 4-bit asm returns for each code (signed or offset form), None off the grid."""
+    from tq_vllm.quant.codebook import grid_of
+    g = grid_of([float(x) for x in centroids])
+    if g is None:
+        return None
+    u = torch.tensor(g[1], dtype=torch.float64)
+    if signed:
+        if grid_magnitudes(g[1]) is None:
+            return None
+        return ((2 * u - 127) / SIGNED_UNIT).to(torch.float16)
+    return (u + GRID_BASE).to(torch.float16)
+
+
+def emulate(mode: int, centroids: torch.Tensor, *inputs: torch.Tensor, signed: bool = False) -> list[torch.Tensor]:
     """Torch model of the asm (element-wise semantics), for tests on machines without a GPU."""
     c = centroids.to(torch.float16)
     if mode == 1:
-        from tq_vllm.quant.codebook import grid_of
-        u = torch.tensor(grid_of(centroids.tolist())[1], dtype=torch.float32) + GRID_BASE
+        u = grid_values(centroids.tolist(), signed)
         b = inputs[0].to(torch.int64)
-        return [u[b & 15].to(torch.float16), u[b >> 4].to(torch.float16)]
+        return [u[b & 15], u[b >> 4]]
     p0, hh = (x.to(torch.int64) for x in inputs)
     return [c[((p0 >> (2 * r)) & 3) | (((hh >> r) & 1) << 2)] for r in range(4)]

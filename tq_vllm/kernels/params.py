@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -126,15 +127,17 @@ class DeviceTables:
         from tq_vllm.quant.codec import _sink_coeffs
         self.sink_coef = _sink_coeffs(2 * D, device).contiguous()  # [4, 2D] int64, as codec.sink_tags
         self.c32, self.c16, self.bnd = {}, {}, {}
-        from tq_vllm.quant.codebook import grid_of
-        from .lut import GRID_BASE
+        from .lut import grid_values
         for kind in ("k", "v", "k_mean", "v_mean"):
             c = codec.centroids[kind].to(**f32).contiguous()
             self.c32[kind] = c
-            # fp16 centroids; for grid codebooks followed by the asm's decoded values GRID_BASE + u (TQ_VLLM_LUT=emulate)
-            g = grid_of(c.tolist()) if kind in ("k", "v") else None
-            tail = [torch.tensor(g[1], dtype=torch.float32, device=device) + GRID_BASE] if g else []
-            self.c16[kind] = torch.cat([c] + tail).to(torch.float16).contiguous()
+            # fp16 centroids; for grid codebooks followed by the 4-bit asm's decoded values, offset form at 16, signed
+            # form at 32 (TQ_VLLM_LUT=emulate gathers them in place of the asm)
+            tail = []
+            if kind in ("k", "v") and len(c) == 16:
+                off, sgn = grid_values(c.tolist(), False), grid_values(c.tolist(), True)
+                tail = [t.to(device) for t in ((off, sgn) if sgn is not None else (off,)) if t is not None]
+            self.c16[kind] = torch.cat([c.to(torch.float16)] + tail).contiguous()
             self.bnd[kind] = codec.bounds[kind].to(**f32).contiguous()
 
 
@@ -192,7 +195,20 @@ NARROW_CFG = dict(num_warps=1, num_stages=2, maxnreg=168)
 NARROW_TILE = 32
 NARROW_MIN_PAIRS = 256  # (decode rows x KV heads) from which the narrow launch is used ...
 NARROW_MIN_TOKENS = 512 * 1024  # ... when rows x max_seq_len reaches this too
+# The 4-bit grid asm's form in the narrow launch (lut.py): "offset". The signed form (the default elsewhere: 8 x 8K
+# 0.0586 vs 0.0634 ms, 1 x 1K 0.0163 vs 0.0167 in the 4-warp launch) spills 32 registers per tile at the narrow
+# launch's 168 and took 64 x 8K 0.3501 vs 0.3396 ms, 32 x 32K 0.6706 vs 0.6466 (H200, 2026-11-27, decode_variants.jsonl
+# "2026-11-27s"; at 200 registers, 10 programs per SM, 0.3910 and 0.7034).
+NARROW_LUT4 = "offset"
 NARROW_WAVES = 2.9  # its split count keeps the page programs just under 3 waves (64 x 8 pairs: 8 splits, 32 x 8: 17)
+
+
+def narrow_cfg() -> dict:
+    """NARROW_CFG, its register cap overridden by TQ_VLLM_NARROW_MAXNREG (the split count follows the cap)."""
+    cfg = dict(NARROW_CFG)
+    if os.environ.get("TQ_VLLM_NARROW_MAXNREG"):
+        cfg["maxnreg"] = int(os.environ["TQ_VLLM_NARROW_MAXNREG"])
+    return cfg
 
 
 def programs_per_sm(maxnreg: int, num_warps: int) -> int:
@@ -206,6 +222,7 @@ def narrow_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, sms: int) 
     pairs = num_rows * num_kv_heads
     if pairs < NARROW_MIN_PAIRS or num_rows * max_seq_len < NARROW_MIN_TOKENS:
         return 0
-    per_sm = programs_per_sm(NARROW_CFG["maxnreg"], NARROW_CFG["num_warps"])
+    cfg = narrow_cfg()
+    per_sm = programs_per_sm(cfg["maxnreg"], cfg["num_warps"])
     tiles = max(1, math.ceil(max_seq_len / NARROW_TILE))
     return int(max(1, min(math.floor(NARROW_WAVES * per_sm * sms / pairs), tiles // 8, 64)))
