@@ -400,9 +400,13 @@ def test_narrow_decode_choice(monkeypatch):
         tiles = -(-L // 32)
         assert 1 <= S <= 64 and (S == 1 or (R * H * S <= 2.9 * 12 * sms and tiles // S >= 8)), (R, H, L, sms, S)
         assert S == 1 or S == 64 or tiles // (S + 1) < 8 or R * H * (S + 1) > 2.9 * 12 * sms
-    # the environment: 0 turns it off, an explicit launch configuration holds for every batch
+    # the environment: off by default (the 4-warp launch with the signed asm is faster), auto turns the rule on, an
+    # explicit launch configuration holds for every batch
     plan = dataclasses.make_dataclass("P", ["num_rows", "block_size", "max_seq_len", "seq_lens"])(
         64, 32, 8192, torch.zeros(1))
+    monkeypatch.delenv("TQ_VLLM_DECODE_NARROW", raising=False)
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "auto")
     assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == narrow_splits(64, 8, 8192, 8) > 0
     monkeypatch.setenv("TQ_VLLM_DECODE_NARROW", "0")
     assert K.prepare(plan, 8, 32, num_decode_rows=64).narrow_splits == 0

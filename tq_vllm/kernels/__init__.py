@@ -42,6 +42,7 @@ PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per p
 # and codes by boundary counting, a decode step's store (a few blocks per step: latency-bound) went from 57 to 15 us
 # and a 16K-token chunk from 837 to 290 us (H200, benchmarks/bench_store.py, 2026-11-26)
 STORE_ROWS = 32
+DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
 # dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
 # 2026-11-27, decode_variants.jsonl)
@@ -246,7 +247,11 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
     S = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, tile, sms, factor,
                       per_sm=_programs_per_sm("DECODE"))
     narrow = 0
-    mode = os.environ.get("TQ_VLLM_DECODE_NARROW", "auto")
+    # the narrow launch is opt-in (auto: large batches, 1: every eligible layer): with the signed 4-bit asm, which
+    # only the 4-warp launch can hold without spilling, the 4-warp launch is faster at every measured batch (64 x 8K
+    # 0.3301 vs 0.3395 ms, 32 x 32K 0.6241 vs 0.6453, 128 x 4K 0.3382 vs 0.3530; 64 x 8K TPOT 15.99 ms vs fp8 17.01;
+    # H200, 2026-11-27, decode_variants.jsonl / e2e.jsonl "2026-11-27s")
+    mode = os.environ.get("TQ_VLLM_DECODE_NARROW", DECODE_NARROW)
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_DECODE_NARROW={mode!r}: choose auto, 0 or 1")
     if mode != "0" and not any(f"TQ_VLLM_DECODE_{k}" in os.environ for k in ("CFG", "TILE", "MAXNREG", "SPLITS")):
