@@ -48,7 +48,8 @@ def run_ptx(asm: str, inputs: list[int], nout: int) -> list[int]:
         r = {"mov.b32": lambda: src[0], "not.b32": lambda: ~src[0] & M32, "and.b32": lambda: src[0] & src[1],
              "or.b32": lambda: src[0] | src[1], "xor.b32": lambda: src[0] ^ src[1],
              "shl.b32": lambda: (src[0] << src[1]) & M32, "shr.u32": lambda: src[0] >> src[1],
-             "mul.lo.u32": lambda: (src[0] * src[1]) & M32, "sub.u32": lambda: (src[0] - src[1]) & M32, "prmt.b32": lambda: _prmt(*src)}[op]()
+             "mul.lo.u32": lambda: (src[0] * src[1]) & M32, "sub.u32": lambda: (src[0] - src[1]) & M32,
+             "prmt.b32": lambda: _prmt(*src)}[op]()
         regs[d] = r
     return [regs[f"${i}"] for i in range(nout)]
 

@@ -27,8 +27,8 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_LUT4, NARROW_TILE, choose_splits, layout_constexprs, narrow_cfg, narrow_splits, next_pow2,
-                     num_sms, programs_per_sm, store_constexprs, tables)
+from .params import (DC, NARROW_LUT4, NARROW_TILE, choose_splits, layout_constexprs, narrow_cfg, narrow_splits,
+                     next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",

@@ -509,7 +509,7 @@ def _tq_attn_kernel(
             if VMODE == 1 and VSG:  # signed grid codes: no offset term
                 acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
-            elif VMODE == 1 and LZ:  # grid codes (R == 2): GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
+            elif VMODE == 1 and LZ:  # offset form: GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
                 s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
                 acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
