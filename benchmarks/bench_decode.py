@@ -105,7 +105,7 @@ def tq_decode_case(preset, R, ctx, B, dtype=torch.bfloat16):
     fn()  # the launch actually taken (the 4-warp or the narrow decode launch)
     launch = dict(K.LAST_DECODE_LAUNCH)
     return fn, nbytes, dict(splits=launch["splits"], warps=launch["num_warps"], tile=launch["tile"],
-                            bytes_per_token=C)
+                            lut4=launch.get("lut4"), bytes_per_token=C)
 
 
 def fa_decode_case(R, ctx, B, dtype=torch.bfloat16):
