@@ -506,11 +506,9 @@ def _tq_attn_kernel(
             mT = rvalid[None, :] & tVmT
             v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
                                           VMODE, VASM, rvalid[None, :], XV * H1J, 0, VSG)
-            if VMODE == 1 and VSG:  # signed grid codes: no offset term
-                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
-                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
-            elif VMODE == 1 and LZ:  # offset form: GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
-                s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
+            if VMODE == 1 and (VSG or LZ):  # grid values: the signed form has no offset term
+                if not VSG:  # offset form: GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
+                    s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
                 acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
                 acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
             elif VMODE == 1:  # grid codes (R == 2): remove GOFF·Σpv, with the fp16 pv the dots see

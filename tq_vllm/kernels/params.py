@@ -135,8 +135,9 @@ class DeviceTables:
             # form at 32 (TQ_VLLM_LUT=emulate gathers them in place of the asm)
             tail = []
             if kind in ("k", "v") and len(c) == 16:
-                off, sgn = grid_values(c.tolist(), False), grid_values(c.tolist(), True)
-                tail = [t.to(device) for t in ((off, sgn) if sgn is not None else (off,)) if t is not None]
+                # (a codebook off the grid has neither; the signed values exist only for symmetric grid codebooks)
+                tail = [t.to(device) for t in (grid_values(c.tolist(), False), grid_values(c.tolist(), True))
+                        if t is not None]
             self.c16[kind] = torch.cat([c.to(torch.float16)] + tail).contiguous()
             self.bnd[kind] = codec.bounds[kind].to(**f32).contiguous()
 
