@@ -356,9 +356,22 @@ def _restore_env(old: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1024))):
-    """Time decode variants (env knobs of tq_vllm.kernels) on the same inputs; returns rows, prints a table."""
+def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1024)), fa=False):
+    """Time decode variants (env knobs of tq_vllm.kernels) on the same inputs; returns rows, prints a table.
+    fa: also bf16 FlashAttention at the same shapes (variant "bf16_fa"), the baseline of the same run."""
     rows = []
+    if fa:
+        for R, ctx in shapes:
+            try:
+                fn, nbytes, ex = fa_decode_case(R, ctx, B)
+                ms = bench(fn)
+                row = dict(variant="bf16_fa", env={}, preset="bf16", B=B, R=R, ctx=ctx, ms=round(ms, 5),
+                           gbps=round(nbytes / ms / 1e6, 1), **ex)
+                del fn
+            except Exception as e:  # noqa: BLE001
+                row = dict(variant="bf16_fa", env={}, preset="bf16", B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
+            print("variant", json.dumps(row), flush=True)
+            rows.append(row)
     for name, env in parse_variants(spec):
         old = _set_env(env)
         for preset in presets:
@@ -375,8 +388,8 @@ def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1
                 rows.append(row)
         _restore_env(old)
     print(f"{'variant':14s} {'preset':6s} " + " ".join(f"{R}x{c}".rjust(12) for R, c in shapes))
-    for name, _ in parse_variants(spec):
-        for preset in presets:
+    for name, _ in ([("bf16_fa", {})] if fa else []) + list(parse_variants(spec)):
+        for preset in (("bf16",) if name == "bf16_fa" else presets):
             cells = []
             for R, c in shapes:
                 r = [x for x in rows if x["variant"] == name and x["preset"] == preset and x["R"] == R and x["ctx"] == c]
@@ -461,6 +474,7 @@ def main():
                          'for a,b), e.g. "base:DECODE_PF=0;pf3:DECODE_PF=1 DECODE_CFG=4/3"')
     ap.add_argument("--pick", action="store_true", help="run the grid with the variant fastest at 32 x 32K (tq4)")
     ap.add_argument("--variants-only", action="store_true")
+    ap.add_argument("--variant-fa", action="store_true", help="also bf16 FlashAttention at the --variant-shapes")
     ap.add_argument("--variant-presets", default="tq4", help="presets the --variants are timed for")
     ap.add_argument("--variant-shapes", default="32x32768,8x8192,1x1024",
                     help='(rows x context) shapes of the --variants, e.g. "64x8192,32x32768"')
@@ -473,7 +487,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.variants:
         vshapes = tuple(tuple(int(x) for x in sh.split("x")) for sh in args.variant_shapes.split(","))
-        vrows = variants(args.variants, tuple(args.variant_presets.split(",")), B=args.block_size[0], shapes=vshapes)
+        vrows = variants(args.variants, tuple(args.variant_presets.split(",")), B=args.block_size[0], shapes=vshapes,
+                         fa=args.variant_fa)
         with open(os.path.join(args.out, "variants.jsonl"), "a") as f:
             for r in vrows:
                 f.write(json.dumps(r) + "\n")

@@ -143,12 +143,12 @@ def main():
                       f"{s['stages']:>6}")
                 if a.ptx:
                     os.makedirs(a.ptx, exist_ok=True)
-                    for ext in ("ptx", "sass", "ttgir"):
+                    for ext in ("ptx", "sass", "ttgir", "cubin"):
                         try:
                             txt = ck.asm[ext]
                         except Exception:  # noqa: BLE001 - sass needs nvdisasm
                             continue
-                        with open(os.path.join(a.ptx, f"{preset}_{kname}.{ext}"), "w") as f:
+                        with open(os.path.join(a.ptx, f"{preset}_{kname}.{ext}"), "wb" if ext == "cubin" else "w") as f:
                             f.write(txt)
 
 

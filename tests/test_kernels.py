@@ -293,6 +293,81 @@ def test_lz_defaults(monkeypatch):
     assert (K._lz("DECODE", {"VMODE": 1}), K._lz("PREFILL", {"VMODE": 0})) == (0, 1)
 
 
+@pytest.mark.parametrize("preset,mode", [("tq4", "1"), ("tq3", "0"), ("tq35", "1"), ("tq25", "auto")])
+def test_store_codes_from_abs_match_reference(preset, mode, monkeypatch):
+    """TQ_VLLM_STORE_SYM: codes from |u| (on at 4 bits, off at 3, the default) give the reference's pages."""
+    monkeypatch.setenv("TQ_VLLM_STORE_SYM", mode)
+    _check_store(preset, 64, 32)
+
+
+def test_store_sym_mode_refused(monkeypatch):
+    monkeypatch.setenv("TQ_VLLM_STORE_SYM", "yes")
+    codec = LayerCodec("tq4", 64, 16, device=DEV)
+    with pytest.raises(ValueError, match="TQ_VLLM_STORE_SYM"):
+        _check_store_codec(codec)
+
+
+def _check_store_codec(codec):
+    B, H, D = codec.layout.block_size, 2, codec.layout.head_dim
+    cache = torch.zeros(2, H, B, codec.layout.bytes_per_token, dtype=torch.uint8, device=DEV)
+    k = torch.randn(B, H, D, device=DEV).to(torch.bfloat16)
+    bt = torch.tensor([[1]], dtype=torch.int32, device=DEV)
+    plan = make_step_plan(torch.tensor([0, B]), torch.tensor([B]), bt, B, StagingAllocator(1), device=DEV)
+    staging = torch.zeros(1, 2, B, H, D, dtype=torch.bfloat16, device=DEV)
+    K.store_blocks(codec, cache, staging, k, k, plan, force="triton")
+
+
+def test_symmetric_codebook_detection():
+    """Every preset's codebooks mirror exactly about a zero middle boundary; a one-ulp change, a non-zero middle or
+    a centroid off its mirror is detected (those tables keep the full comparison)."""
+    from tq_vllm.kernels.params import symmetric_codebook
+    for name in PRESETS:
+        codec = LayerCodec(name, 64, 16)
+        for kind in ("k", "v", "k_mean", "v_mean"):
+            b, c = codec.bounds[kind].float(), codec.centroids[kind].float()
+            assert symmetric_codebook(b, c), (name, kind)
+            j = int(torch.randint(0, b.numel(), (1,)))
+            b2 = b.clone()
+            b2[j] = torch.nextafter(b2[j], torch.tensor(float("inf")))
+            assert not symmetric_codebook(b2, c), (name, kind, j)
+            c2 = c.clone()
+            c2[0] = c2[0] * (1 + 2 ** -20)
+            assert not symmetric_codebook(b, c2)
+            assert not symmetric_codebook(b + 1e-3, c)
+            assert not symmetric_codebook(b[:-1], c[:-1])
+
+
+def test_sym_codes_at_exact_boundaries():
+    """store._sym_codes against the definition (code = #{boundaries < u}, c = centroids[code]) for every preset's
+    codebooks of <= 4 bits, on u exactly at each boundary, one ulp either side, +-0 and random values."""
+    import importlib
+    import sys
+    K._kmod("store")  # the store module in the mode TRITON_INTERPRET says now
+    mod = importlib.reload(sys.modules["sym_codes_kernel"]) if "sym_codes_kernel" in sys.modules else \
+        importlib.import_module("sym_codes_kernel")
+    g = torch.Generator().manual_seed(_seed("sym_codes"))
+    seen = set()
+    for name in PRESETS:
+        codec = LayerCodec(name, 64, 16)
+        for kind in ("k", "v", "k_mean", "v_mean"):
+            b, cen = codec.bounds[kind].float(), codec.centroids[kind].float()
+            bits = int(cen.numel()).bit_length() - 1
+            if bits > 4 or (bits, tuple(b.tolist())) in seen:
+                continue
+            seen.add((bits, tuple(b.tolist())))
+            inf = torch.tensor(float("inf"))
+            edge = torch.cat([b, torch.nextafter(b, inf), torch.nextafter(b, -inf), torch.tensor([0.0, -0.0])])
+            u = torch.cat([edge, torch.rand(512 - edge.numel(), generator=g) * 2.4 - 1.2]).view(16, 32)
+            u = u.to(DEV)
+            code = torch.full(u.shape, -1, dtype=torch.int32, device=DEV)  # poisoned
+            c = torch.full(u.shape, float("nan"), device=DEV)
+            mod.sym_codes_kernel[(1,)](u, b.to(DEV), cen.to(DEV), code, c, T=16, DP=32, BITS=bits)
+            want = torch.searchsorted(b.to(DEV), u.contiguous(), right=False).to(torch.int32)
+            assert torch.equal(code, want), (name, kind)
+            assert torch.equal(c, cen.to(DEV)[want.long()]), (name, kind)
+    assert len(seen) >= 3
+
+
 def test_store_register_cap_by_codes(monkeypatch):
     """The store's 128-register cap applies to codes of <= 4 bits without QJL (where it was measured); 8-bit codes and
     prod keys keep the uncapped kernel; TQ_VLLM_STORE_MAXNREG overrides either way."""

@@ -42,6 +42,16 @@ PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per p
 # and codes by boundary counting, a decode step's store (a few blocks per step: latency-bound) went from 57 to 15 us
 # and a 16K-token chunk from 837 to 290 us (H200, benchmarks/bench_store.py, 2026-11-26)
 STORE_ROWS = 32
+# head-dim chunk of the store's rotation product (TQ_VLLM_STORE_RDC; capped at the padded head_dim): one pass of the
+# whole 128-wide tile in place of four 32-column passes that each wait for their loads: 16K-token chunk 265.7 ->
+# 250.7 us (tq4), 283.2 -> 228.1 (tq3); H200, 2026-11-27, store_variants.jsonl "2026-11-28a"
+STORE_RDC = 128
+# codebooks of at most this many bits are coded from |u| by the store (store._sym_codes; where the codebook is
+# antisymmetric, as every preset's is): 3 comparisons and selects in place of 7 comparisons and a gather took the
+# tq3 16K-token chunk from 227.7 to 184.4 us and a decode step completing 64 blocks from 30.3 to 26.1; at 4 bits (7
+# in place of 15) it spills under the 128-register cap and was 2.5 % slower (249.3 -> 255.7 us); H200, 2026-11-27,
+# store_variants.jsonl "2026-11-28a". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
+STORE_SYM_MAX_BITS = 3
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
 # dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
@@ -384,6 +394,13 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
     cmp_codes = os.environ.get("TQ_VLLM_STORE_CMP", "1") == "1"  # codes <= 4 bits by counting boundaries
     par = os.environ.get("TQ_VLLM_STORE_PAR", "0") == "1" and NSUB > 1  # a block's sub-tiles in parallel programs
+    rdc = min(DP, int(os.environ.get("TQ_VLLM_STORE_RDC", STORE_RDC)))  # head-dim chunk of the rotation product
+    smode = os.environ.get("TQ_VLLM_STORE_SYM", "auto")  # codes from |u| (store._sym_codes): auto, 0 or 1
+    if smode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_STORE_SYM={smode!r}: choose auto, 0 or 1")
+    smax = {"auto": STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
+    sym = dict(KSY=tb.sym["k"] and kw["KBITS"] <= smax, VSY=tb.sym["v"] and kw["VBITS"] <= smax,
+               KMSY=tb.sym["k_mean"] and kw["MBITS"] <= smax, VMSY=tb.sym["v_mean"] and kw["MBITS"] <= smax)
     mod = _kmod("store")
     for t in (key, value):
         assert t.stride(-1) == 1
@@ -401,7 +418,7 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
         tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd,
-        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink, KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par,
+        *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink, KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par, RDC=rdc, **sym,
         H=H, DP=DP, DC=DC, TS=TS, NSUB=NSUB, NBLK=NBLK, NR=NBLK * TS, PADR=max(1, next_pow2(-(-kw["PADP"] // TS))),
         **_store_cfg(kw), **kw), fallbacks=({"num_warps": 8, "num_stages": 1}, {"PM1": False}))
     if has_sink and not defer_sink:

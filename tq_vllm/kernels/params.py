@@ -140,6 +140,8 @@ class DeviceTables:
                         if t is not None]
             self.c16[kind] = torch.cat([c.to(torch.float16)] + tail).contiguous()
             self.bnd[kind] = codec.bounds[kind].to(**f32).contiguous()
+        # which codebooks the store may code from |u| (store._encode SYM), decided on the fp32 tables it reads
+        self.sym = {kind: symmetric_codebook(codec.bounds[kind], codec.centroids[kind]) for kind in self.bnd}
 
 
     def rot_for(self, dtype):
@@ -148,6 +150,20 @@ class DeviceTables:
         if m is None:
             return self.rot, False, 1.0
         return m, True, self.rsd
+
+
+def symmetric_codebook(bounds: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """True when the fp32 boundaries (2^b - 1, ascending) have an exact 0 in the middle and mirror about it, and the
+    centroids mirror too (c[MID - j] = -c[MID + 1 + j]): then the count of boundaries below u is decided by |u> and
+    the upper half alone, with identical results."""
+    b = bounds.detach().to("cpu", torch.float32)
+    c = centroids.detach().to("cpu", torch.float32)
+    n = b.numel()
+    if n < 1 or c.numel() != n + 1 or n & (n + 1):
+        return False
+    mid = n // 2
+    return bool(b[mid] == 0 and torch.equal(b[mid + 1:], -b[:mid].flip(0))
+                and torch.equal(c[mid + 1:], -c[:mid + 1].flip(0)) and bool((b[1:] > b[:-1]).all()))
 
 
 def tables(codec: LayerCodec, device) -> DeviceTables:

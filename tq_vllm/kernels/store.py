@@ -3,8 +3,8 @@
 One program per (completed block, KV head) writes the whole head page (both K and V, means, scales, QJL,
 zero padding), exactly as `PageLayout` / `LayerCodec.encode_blocks` do:
   rotate (y = x @ Π.T, tensor cores, tf32x3 ~ fp32), block mean of y (centered kinds) coded with the mean codebook,
-  codes = bucketize(y/‖y‖, boundaries) (a binary search over the boundary table), least-squares or norm scale rounded
-  to bf16, bit planes packed token-major; prod keys add sign(S·e) and ‖e‖.
+  codes = bucketize(y/‖y‖, boundaries) (boundaries counted; from |u| for symmetric codebooks of <= 3 bits),
+  least-squares or norm scale rounded to bf16, bit planes packed token-major; prod keys add sign(S·e) and ‖e‖.
 Entries of `qb_row` < 0 are skipped, so a caller may pad the list to a fixed length (CUDA graphs).
 """
 from __future__ import annotations
@@ -39,14 +39,15 @@ def _rot_rows(X, s_xt, s_xh, STGK, s_g2, qs, ctx, pos, tok, tvalid, h, PI, PI16,
     for c in tl.static_range(0, D, DC):
         dd = c + tl.arange(0, DC)
         x = _load_rows(X, s_xt, s_xh, STGK, s_g2, qs, ctx, pos, tok, tvalid, h, dd, dd < D)
+        pm = im[None, :] & (dd < D)[:, None]  # (a chunk may run past D when DC > D)
         if PM1:
-            pt = tl.load(PI16 + di[None, :] * D + dd[:, None], mask=im[None, :], other=0.0)  # [DC, DP] ±1
+            pt = tl.load(PI16 + di[None, :] * D + dd[:, None], mask=pm, other=0.0)  # [DC, DP] ±1
             if INTERP:
                 y += tl.dot(x, pt.to(tl.float32))
             else:
                 y += tl.dot(x.to(pt.dtype), pt)
         else:
-            pt = tl.load(PI + di[None, :] * D + dd[:, None], mask=im[None, :], other=0.0)  # Π.T chunk [DC, DP]
+            pt = tl.load(PI + di[None, :] * D + dd[:, None], mask=pm, other=0.0)  # Π.T chunk [DC, DP]
             y += tl.dot(x, pt, input_precision="tf32x3")
     if PM1:
         y = y * rsd
@@ -78,25 +79,49 @@ def _all_finite(y):
 
 
 @triton.jit
-def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr):
+def _sym_codes(u, dmask, BND, CEN, BITS: tl.constexpr):
+    """Codes (#{boundaries < u}) and centroids of u [T, DP] for a codebook antisymmetric about a zero middle boundary
+    (`params.symmetric_codebook`): for u > 0, MID + 1 + #{upper boundaries < |u|}; for u <= 0, MID - #{upper
+    boundaries <= |u|} (the lower boundaries mirrored). a is |u| one ulp up for negative u, so `a > t` is `|u| >= t`
+    there. The centroid magnitude follows the count through selects: half the comparisons and no gather (a gather
+    converts the tile's layout through shared memory). Returns (code int32, c fp32; c = 0 in pad columns)."""
+    MID: tl.constexpr = (1 << BITS) // 2 - 1
+    ub = u.to(tl.uint32, bitcast=True)
+    a = ((ub & 0x7FFFFFFF) + (ub >> 31)).to(tl.float32, bitcast=True)
+    cnt = tl.zeros(u.shape, dtype=tl.int32)
+    mag = tl.zeros(u.shape, dtype=tl.float32) + tl.load(CEN + MID + 1)
+    for k in tl.static_range(MID):
+        up = a > tl.load(BND + MID + 1 + k)
+        cnt += up.to(tl.int32)
+        mag = tl.where(up, tl.load(CEN + MID + 2 + k), mag)
+    posu = u > 0
+    code = tl.where(posu, MID + 1 + cnt, MID - cnt)
+    return code, tl.where(dmask[None, :], tl.where(posu, mag, -mag), 0.0)
+
+
+@triton.jit
+def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr, SYM: tl.constexpr):
     """encode_dir of rows y [T, DP] (pad columns 0): codes int32 [T, DP], bf16-rounded scale [T] fp32,
-    and the centroid values c[codes] (0 in pad columns)."""
+    and the centroid values c[codes] (0 in pad columns). SYM: codes from |u| (`_sym_codes`)."""
     nrm = _robust_norm(y)
     finite = _all_finite(y) & (nrm == nrm) & (tl.abs(nrm) < float("inf"))
     pos = finite & (nrm > 0)
     u = y / tl.where(pos, nrm, 1.0)[:, None]
     u = tl.where(pos[:, None], u, 0.0)
     code = tl.zeros(y.shape, dtype=tl.int32)
-    if CMP and BITS <= 4:
+    if SYM:
+        code, c = _sym_codes(u, dmask, BND, CEN, BITS)
+    elif CMP and BITS <= 4:
         # count the boundaries below u: scalar thresholds, no dependent gathers (the same codes as the search)
         for i in tl.static_range((1 << BITS) - 1):
             code += (u > tl.load(BND + i)).to(tl.int32)
+        c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     else:
         for lev in tl.static_range(BITS):
             cand = code + (1 << (BITS - 1 - lev))
             thr = tl.load(BND + cand - 1)
             code = tl.where(u > thr, cand, code)
-    c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
+        c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     if NORM:
         s = nrm
     else:
@@ -150,7 +175,8 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 W2: tl.constexpr, SO: tl.constexpr,
                 CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
                 MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
-                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr, sb_lo, sb_hi):
+                PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr, sb_lo, sb_hi,
+                RDC: tl.constexpr, SYM: tl.constexpr, MSYM: tl.constexpr):
     """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1, of
     which this program codes [sb_lo, sb_hi): the per-block mean is computed from the whole block either way and
     written by the program that codes sub-tile 0).
@@ -164,8 +190,8 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
     if CENTER:
         if NSUB == 1:
             tvalid = tvalid0 & (ts < B)
-            y = _rot_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + ts, ts, tvalid, h, PI, PI16, rsd, D, DP, DC, NR,
-                           PM1, INTERP)
+            y = _rot_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + ts, ts, tvalid, h, PI, PI16, rsd, D, DP, RDC,
+                           NR, PM1, INTERP)
             ysum = tl.sum(tl.reshape(y, [NBLK, TS, DP]), axis=1)  # [NBLK, DP] (invalid rows are 0)
         else:
             # NBLK == 1: sum x over the block's sub-tiles, then rotate the sum (rotation commutes with the mean)
@@ -182,7 +208,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 ysum1 += tl.sum(pt * xs[:, None], axis=0)
             ysum = ysum1[None, :]
         mean = ysum / B  # [NBLK, DP]
-        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP)
+        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP, MSYM)
         mhat = ms[:, None] * mc  # [NBLK, DP]
         mval = bval & (bsel * 0 + sb_lo == 0)
         _put_codes(PAGE_B, mcode, bsel * 0, mval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
@@ -196,10 +222,10 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
             yy = y - mrow
         else:
             yy = _rot_rows(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0 + tok, tok, tvalid, h, PI, PI16, rsd, D, DP,
-                            DC, NR, PM1, INTERP)
+                            RDC, NR, PM1, INTERP)
             if CENTER:
                 yy = yy - mhat
-        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP)
+        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP, SYM)
         _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2)
         _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
         if PROD:
@@ -238,6 +264,8 @@ def _tq_store_kernel(
     PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, NR: tl.constexpr, PADR: tl.constexpr,
     PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
     KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False, PAR: tl.constexpr = False,
+    RDC: tl.constexpr = 32, KSY: tl.constexpr = False, VSY: tl.constexpr = False, KMSY: tl.constexpr = False,
+    VMSY: tl.constexpr = False,
 ):
     """Program (group of NBLK entries of the completed-block list[, sub-tile when PAR], KV head[, kind when
     KVSPLIT]); NR = NBLK*TS rows. KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink
@@ -324,12 +352,13 @@ def _tq_store_kernel(
     if kind == 0:
         _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
                     CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
-                    KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP, sb_lo, sb_hi)
+                    KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP, sb_lo, sb_hi,
+                    RDC, KSY, KMSY)
     if kind == 1 or not KVSPLIT:
         _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd,
                     SQ, BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1,
                     VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP,
-                    sb_lo, sb_hi)
+                    sb_lo, sb_hi, RDC, VSY, VMSY)
     if PAGE > USED and kind == 0 and sb_lo == 0:
         # zero padding of each block's head page (each row zeroes a slice)
         pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
