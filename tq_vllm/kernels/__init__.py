@@ -44,13 +44,13 @@ PREFILL_TILE = int(os.environ.get("TQ_VLLM_PREFILL_TILE", "64"))  # tokens per p
 STORE_ROWS = 32
 # head-dim chunk of the store's rotation product (TQ_VLLM_STORE_RDC; capped at the padded head_dim): one pass of the
 # whole 128-wide tile in place of four 32-column passes that each wait for their loads: 16K-token chunk 265.7 ->
-# 250.7 us (tq4), 283.2 -> 228.1 (tq3); H200, 2026-11-27, store_variants.jsonl "2026-11-28a"
+# 250.7 us (tq4), 283.2 -> 228.1 (tq3); H200, 2026-11-27, store_variants.jsonl "2026-11-27t"
 STORE_RDC = 128
 # codebooks of at most this many bits are coded from |u| by the store (store._sym_codes; where the codebook is
 # antisymmetric, as every preset's is): 3 comparisons and selects in place of 7 comparisons and a gather took the
 # tq3 16K-token chunk from 227.7 to 184.4 us and a decode step completing 64 blocks from 30.3 to 26.1; at 4 bits (7
 # in place of 15) it spills under the 128-register cap and was 2.5 % slower (249.3 -> 255.7 us); H200, 2026-11-27,
-# store_variants.jsonl "2026-11-28a". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
+# store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
 STORE_SYM_MAX_BITS = 3
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
