@@ -368,6 +368,57 @@ def test_sym_codes_at_exact_boundaries():
     assert len(seen) >= 3
 
 
+def _run_count_asm(asm: str, u: float, bounds) -> int:
+    """A model of store._COUNT15_ASM's PTX (set.gt.f32.f32, add.f32, cvt.rzi.s32.f32 on float32), operands $1 = u,
+    $2.. = the boundaries, $0 = the result."""
+    import numpy as np
+    f32 = np.float32
+    regs = {"$1": f32(u), **{f"${i + 2}": f32(b) for i, b in enumerate(bounds)}}
+    body = asm.strip().lstrip("{").rstrip("}")
+    for line in body.split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [x.strip() for x in rest.split(",")]
+        v = [regs[x] for x in src]
+        if op == "set.gt.f32.f32":
+            regs[d] = f32(1.0) if v[0] > v[1] else f32(0.0)
+        elif op == "add.f32":
+            regs[d] = f32(v[0] + v[1])
+        elif op == "cvt.rzi.s32.f32":
+            regs[d] = int(np.trunc(v[0]))
+        else:
+            raise AssertionError(f"unmodelled PTX op {op}")
+    return regs["$0"]
+
+
+def test_store_count15_asm_matches_boundary_count():
+    """The 4-bit store's asm count (GPU only; TQ_VLLM_STORE_CMP=2, the default there) through a model of its PTX:
+    #{boundaries < u} for every preset's 4-bit codebooks, at each boundary, one ulp either side, +-0 and random u."""
+    import numpy as np
+    from tq_vllm.kernels.store import _COUNT15_ASM
+    assert _COUNT15_ASM.count("set.gt.f32.f32") == 15
+    g = torch.Generator().manual_seed(_seed("count15"))
+    tables = {tuple(LayerCodec(n, 64, 16).bounds[k].float().tolist()) for n in PRESETS for k in ("k", "v")}
+    tables = [b for b in tables if len(b) == 15]
+    assert tables
+    for b in tables:
+        bt = torch.tensor(b)
+        inf = torch.tensor(float("inf"))
+        us = torch.cat([bt, torch.nextafter(bt, inf), torch.nextafter(bt, -inf), torch.tensor([0.0, -0.0]),
+                        torch.rand(64, generator=g) * 2.4 - 1.2])
+        for u in us.tolist():
+            want = int(np.searchsorted(np.asarray(b, np.float32), np.float32(u), side="left"))
+            assert _run_count_asm(_COUNT15_ASM, u, b) == want, (u, want)
+
+
+def test_store_cmp_mode_refused(monkeypatch):
+    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "3")
+    with pytest.raises(ValueError, match="TQ_VLLM_STORE_CMP"):
+        _check_store_codec(LayerCodec("tq4", 64, 16, device=DEV))
+
+
 def test_store_register_cap_by_codes(monkeypatch):
     """The store's 128-register cap applies to codes of <= 4 bits without QJL (where it was measured); 8-bit codes and
     prod keys keep the uncapped kernel; TQ_VLLM_STORE_MAXNREG overrides either way."""

@@ -52,6 +52,10 @@ STORE_RDC = 128
 # in place of 15) it spills under the 128-register cap and was 2.5 % slower (249.3 -> 255.7 us); H200, 2026-11-27,
 # store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
 STORE_SYM_MAX_BITS = 3
+# TQ_VLLM_STORE_CMP's default: 4-bit codes counted by one asm block (store._count15; the interpreter counts in
+# Triton): 16K-token chunk tq4 247.0 -> 199.8 us, tq35 233.8 -> 213.9, a decode step completing 64 blocks tq4 33.3 ->
+# 28.1 (H200, 2026-11-27, store_variants.jsonl "2026-11-27t")
+STORE_CMP = "2"
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
 # dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
@@ -392,7 +396,12 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     NSUB = math.ceil(B / TS)
     NBLK = max(1, rows // BP)
     kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
-    cmp_codes = os.environ.get("TQ_VLLM_STORE_CMP", "1") == "1"  # codes <= 4 bits by counting boundaries
+    # codes of <= 4 bits by counting boundaries (1; 2: the 4-bit count as one asm block, GPU only), 0: binary search
+    cmp_codes = int(os.environ.get("TQ_VLLM_STORE_CMP", STORE_CMP))
+    if cmp_codes not in (0, 1, 2):
+        raise ValueError(f"TQ_VLLM_STORE_CMP={cmp_codes}: choose 0, 1 or 2")
+    if cmp_codes == 2 and _interp():
+        cmp_codes = 1  # (inline PTX does not run in the interpreter; the tests model the asm instead)
     par = os.environ.get("TQ_VLLM_STORE_PAR", "0") == "1" and NSUB > 1  # a block's sub-tiles in parallel programs
     rdc = min(DP, int(os.environ.get("TQ_VLLM_STORE_RDC", STORE_RDC)))  # head-dim chunk of the rotation product
     smode = os.environ.get("TQ_VLLM_STORE_SYM", "auto")  # codes from |u| (store._sym_codes): auto, 0 or 1
