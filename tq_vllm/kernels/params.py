@@ -154,7 +154,7 @@ class DeviceTables:
 
 def symmetric_codebook(bounds: torch.Tensor, centroids: torch.Tensor) -> bool:
     """True when the fp32 boundaries (2^b - 1, ascending) have an exact 0 in the middle and mirror about it, and the
-    centroids mirror too (c[MID - j] = -c[MID + 1 + j]): then the count of boundaries below u is decided by |u> and
+    centroids mirror too (c[MID - j] = -c[MID + 1 + j]): then the count of boundaries below u is decided by |u| and
     the upper half alone, with identical results."""
     b = bounds.detach().to("cpu", torch.float32)
     c = centroids.detach().to("cpu", torch.float32)
