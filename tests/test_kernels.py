@@ -34,6 +34,15 @@ def _triton_mode(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_silent_launch_fallback():
+    """A launch configuration that fails to compile falls back to a safer one with a warning (`kernels._launch`):
+    in these tests that would test the fallback instead of the path they name, so it fails them."""
+    before = dict(K._FALLBACK_USED)
+    yield
+    assert K._FALLBACK_USED == before, {k: v for k, v in K._FALLBACK_USED.items() if k not in before}
+
+
+@pytest.fixture(autouse=True)
 def _no_silent_prefill_fallback():
     """On a GPU the prefill rows go through FlashAttention: a failure there must not hide behind the fallback."""
     n = len(K._FA_FAILED)

@@ -509,8 +509,12 @@ def _tq_attn_kernel(
             if VMODE == 1 and (VSG or LZ):  # grid values: the signed form has no offset term
                 if not VSG:  # offset form: GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
                     s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]
-                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * (vmx * VDEL)[None, :]
-                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * (vmx * VDEL)[None, :]
+                if LZ:
+                    vfac = (vmx * VDEL)[None, :]  # [1, M]
+                else:
+                    vfac = vmx * VDEL  # one value-scale maximum for the tile (a scalar)
+                acc0 = acc0 * alpha[None, :] + tl.dot(v0_, pv) * vfac
+                acc1 = acc1 * alpha[None, :] + tl.dot(v1_, pv) * vfac
             elif VMODE == 1:  # grid codes (R == 2): remove GOFF·Σpv, with the fp16 pv the dots see
                 vcs = tl.sum(pv.to(tl.float32), axis=0) * GOFF
                 acc0 = acc0 * alpha[None, :] + (tl.dot(v0_, pv) - vcs[None, :]) * (vmx * VDEL)
