@@ -360,32 +360,27 @@ def variants(spec, presets=("tq4",), B=32, shapes=((32, 32768), (8, 8192), (1, 1
     """Time decode variants (env knobs of tq_vllm.kernels) on the same inputs; returns rows, prints a table.
     fa: also bf16 FlashAttention at the same shapes (variant "bf16_fa"), the baseline of the same run."""
     rows = []
+
+    def timed(name, env, preset, R, ctx, case, stats):
+        try:
+            fn, nbytes, ex = case()
+            ms = bench(fn)
+            row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=round(ms, 5),
+                       gbps=round(nbytes / ms / 1e6, 1), **ex, **stats())
+            del fn
+        except Exception as e:  # noqa: BLE001
+            row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
+        print("variant", json.dumps(row), flush=True)
+        rows.append(row)
+
     if fa:
         for R, ctx in shapes:
-            try:
-                fn, nbytes, ex = fa_decode_case(R, ctx, B)
-                ms = bench(fn)
-                row = dict(variant="bf16_fa", env={}, preset="bf16", B=B, R=R, ctx=ctx, ms=round(ms, 5),
-                           gbps=round(nbytes / ms / 1e6, 1), **ex)
-                del fn
-            except Exception as e:  # noqa: BLE001
-                row = dict(variant="bf16_fa", env={}, preset="bf16", B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
-            print("variant", json.dumps(row), flush=True)
-            rows.append(row)
+            timed("bf16_fa", {}, "bf16", R, ctx, lambda: fa_decode_case(R, ctx, B), dict)
     for name, env in parse_variants(spec):
         old = _set_env(env)
         for preset in presets:
             for R, ctx in shapes:
-                try:
-                    fn, nbytes, ex = tq_decode_case(preset, R, ctx, B)
-                    ms = bench(fn)
-                    row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=round(ms, 5),
-                               gbps=round(nbytes / ms / 1e6, 1), **ex, **_kstats("decode"))
-                    del fn
-                except Exception as e:  # noqa: BLE001
-                    row = dict(variant=name, env=env, preset=preset, B=B, R=R, ctx=ctx, ms=None, error=repr(e)[:300])
-                print("variant", json.dumps(row), flush=True)
-                rows.append(row)
+                timed(name, env, preset, R, ctx, lambda: tq_decode_case(preset, R, ctx, B), lambda: _kstats("decode"))
         _restore_env(old)
     print(f"{'variant':14s} {'preset':6s} " + " ".join(f"{R}x{c}".rjust(12) for R, c in shapes))
     for name, _ in ([("bf16_fa", {})] if fa else []) + list(parse_variants(spec)):

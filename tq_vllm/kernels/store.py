@@ -134,19 +134,18 @@ def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.
     code = tl.zeros(y.shape, dtype=tl.int32)
     if SYM:
         code, c = _sym_codes(u, dmask, BND, CEN, BITS)
-    elif CMP == 2 and BITS == 4:
-        code = _count15(u, BND)
-        c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
-    elif CMP and BITS <= 4:
-        # count the boundaries below u: scalar thresholds, no dependent gathers (the same codes as the search)
-        for i in tl.static_range((1 << BITS) - 1):
-            code += (u > tl.load(BND + i)).to(tl.int32)
-        c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     else:
-        for lev in tl.static_range(BITS):
-            cand = code + (1 << (BITS - 1 - lev))
-            thr = tl.load(BND + cand - 1)
-            code = tl.where(u > thr, cand, code)
+        if CMP == 2 and BITS == 4:
+            code = _count15(u, BND)
+        elif CMP and BITS <= 4:
+            # count the boundaries below u: scalar thresholds, no dependent gathers (the same codes as the search)
+            for i in tl.static_range((1 << BITS) - 1):
+                code += (u > tl.load(BND + i)).to(tl.int32)
+        else:
+            for lev in tl.static_range(BITS):
+                cand = code + (1 << (BITS - 1 - lev))
+                thr = tl.load(BND + cand - 1)
+                code = tl.where(u > thr, cand, code)
         c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     if NORM:
         s = nrm
