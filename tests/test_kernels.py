@@ -15,6 +15,7 @@ import torch
 
 from paged_sim import PagedSim, naive_decode_semantics
 from tq_vllm import kernels as K
+from tq_vllm.kernels.params import layout_constexprs
 from tq_vllm.quant import PRESETS
 from tq_vllm.quant import reference as ref
 from tq_vllm.quant.codec import LayerCodec
@@ -249,13 +250,13 @@ def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, form, mon
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
-def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False):
+def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False, w2=False):
     """A PagedSim step op: the reference store, then the Triton attention with `nsplit` decode splits (of the narrow
-    launch with `narrow`) into a NaN-poisoned output, checked against the reference attention (which the step
-    keeps)."""
+    launch with `narrow`, of the two-warp launch with `w2`, else of the 4-warp launch) into a NaN-poisoned output,
+    checked against the reference attention (which the step keeps)."""
     def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
         meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=num_decode_rows), num_splits=nsplit,
-                                   narrow_splits=nsplit if narrow else 0)
+                                   narrow_splits=nsplit if narrow else 0, w2_splits=nsplit if w2 else 0)
         ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
         out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
         K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
@@ -485,6 +486,60 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
     assert (launch["splits"], launch["num_warps"], launch["lut4"]) == (3, 4, "signed"), launch
 
 
+@pytest.mark.parametrize("preset,D,B,G", [("tq3", 64, 16, 4), ("tq25", 128, 32, 1), ("tq35", 64, 32, 7)])
+def test_w2_decode_launch_matches_reference(preset, D, B, G):
+    """The two-warp decode launch (64-token tiles; layers with 4 value lattices: tq3, tq25 with value means, tq35
+    with 4-bit keys) against the reference: contexts not multiples of B or of the tile, 1, 3 and 7 splits (empty
+    splits for the short row), and the 4-warp launch of the same step."""
+    H = 2
+    codec = LayerCodec(preset, D, B, device=DEV)
+    assert K._w2_ok(layout_constexprs(codec.layout), D, B)
+    q, k, v = _seqs(3, 220, H, G, D, torch.bfloat16, seed=_seed("w2", preset, D, B, G))
+    base = PagedSim(codec, H, num_blocks=64, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    base.step(ref.forward_step, [(0, 171), (1, 9), (2, 140)], q, k, v, scale)
+    for nsplit in (1, 3, 7):
+        K.LAST_DECODE_LAUNCH.clear()
+        copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, w2=True), [(0, 1), (1, 1), (2, 1)], q, k, v,
+                                 scale)
+        launch = K.LAST_DECODE_LAUNCH
+        assert (launch["splits"], launch["tile"], launch["num_warps"]) == (nsplit, K.W2_TILE, 2), launch
+    K.LAST_DECODE_LAUNCH.clear()
+    copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+    assert K.LAST_DECODE_LAUNCH["num_warps"] == 4, K.LAST_DECODE_LAUNCH
+
+
+def test_w2_decode_choice(monkeypatch):
+    """Which layers take the two-warp decode launch (4 value lattices, no QJL keys, head_dim 64 / 128, B <= 32),
+    its split count (the split rule at 64-token tiles and 6 programs per SM), and the environment."""
+    from tq_vllm.kernels.params import W2_CFG, choose_splits, programs_per_sm
+    kw = {p: layout_constexprs(LayerCodec(p, 128, 32).layout) for p in PRESETS}
+    assert {p for p in PRESETS if K._w2_ok(kw[p], 128, 32)} == {"tq3", "tq35", "tq25"}
+    assert K._w2_ok(kw["tq3"], 64, 16) and not K._w2_ok(kw["tq3"], 96, 32) and not K._w2_ok(kw["tq3"], 256, 32)
+    assert not K._w2_ok(kw["tq3"], 128, 64) and not K._w2_ok({**kw["tq3"], "PROD": True}, 128, 32)
+    assert programs_per_sm(W2_CFG["maxnreg"], W2_CFG["num_warps"]) == 6
+    plan = dataclasses.make_dataclass("P", ["num_rows", "block_size", "max_seq_len", "seq_lens"])(
+        64, 32, 8192, torch.zeros(1))
+    for k in ("TQ_VLLM_DECODE_W2", "TQ_VLLM_DECODE_CFG", "TQ_VLLM_DECODE_TILE", "TQ_VLLM_DECODE_MAXNREG",
+              "TQ_VLLM_DECODE_SPLITS"):
+        monkeypatch.delenv(k, raising=False)
+    g = torch.Generator().manual_seed(_seed("w2-splits"))
+    for _ in range(50):
+        R, H = int(torch.randint(1, 129, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g))
+        plan.max_seq_len = int(torch.randint(1, 65536, (1,), generator=g))
+        got = K.prepare(plan, H, 4 * H, num_decode_rows=R).w2_splits
+        assert got == choose_splits(R, H, plan.max_seq_len, 64, 8, per_sm=6) >= 1
+    plan.max_seq_len = 8192
+    monkeypatch.setenv("TQ_VLLM_DECODE_W2", "0")
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).w2_splits == 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_W2", "auto")
+    monkeypatch.setenv("TQ_VLLM_DECODE_TILE", "128")  # an explicit launch configuration holds for every layer
+    assert K.prepare(plan, 8, 32, num_decode_rows=64).w2_splits == 0
+    monkeypatch.setenv("TQ_VLLM_DECODE_W2", "1")
+    with pytest.raises(ValueError, match="TQ_VLLM_DECODE_W2"):
+        K.prepare(plan, 8, 32, num_decode_rows=64)
+
+
 def test_reduce_split_product_is_fp32_exact(monkeypatch):
     """The split reduction's inverse rotation with the ±1 matrix in bf16 and the sum split in three bf16 parts
     equals the fp32 product (TQ_VLLM_REDUCE_PM1=0) to fp32 rounding, seen through an fp32 output (a two-part split
@@ -693,6 +748,18 @@ def test_gpu_narrow_decode(B, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset,B", [("tq3", 16), ("tq3", 32), ("tq25", 32), ("tq35", 32)])
+def test_gpu_w2_decode(preset, B):
+    """The two-warp decode launch (the default for 2/3-bit values: 168 registers, the real asm) at Llama shapes
+    against the reference."""
+    K.LAST_DECODE_LAUNCH.clear()
+    sched = [[(0, 1500), (1, 700)], [(0, 1), (1, 1), (2, 2048)], [(0, 1), (1, 1), (2, 1)],
+             [(0, 1), (1, 1), (2, 1), (3, 515)]]
+    _run_schedule(preset, 128, B, 8, 4, torch.bfloat16, sched, seed=4, num_blocks=512, device="cuda")
+    assert K.LAST_DECODE_LAUNCH["num_warps"] == 2 and K.LAST_DECODE_LAUNCH["tile"] == K.W2_TILE
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("D,B,G,dtype", [(64, 32, 8, torch.float16), (256, 64, 1, torch.bfloat16),
                                          (96, 128, 7, torch.bfloat16)])
@@ -702,10 +769,12 @@ def test_gpu_other_shapes(D, B, G, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_decode():
-    """A decode step captured in a CUDA graph (meta given, no host sync) replays to the eager result."""
+@pytest.mark.parametrize("preset,warps", [("tq4", 4), ("tq3", 2)])
+def test_gpu_cuda_graph_decode(preset, warps):
+    """A decode step captured in a CUDA graph (meta given, no host sync) replays to the eager result, for the 4-warp
+    launch (tq4) and the two-warp launch (tq3)."""
     D, B, H, G, R = 128, 16, 8, 4, 4
-    codec = LayerCodec("tq4", D, B, device="cuda")
+    codec = LayerCodec(preset, D, B, device="cuda")
     q, k, v = _seqs(R, 600, H, G, D, torch.bfloat16, seed=7)
     sim = PagedSim(codec, H, num_blocks=256, num_slots=16, dtype=torch.bfloat16, device="cuda")
     sim.step(ref.forward_step, [(r, 300 + 37 * r) for r in range(R)], q, k, v, D ** -0.5)
@@ -726,8 +795,10 @@ def test_gpu_cuda_graph_decode():
         captured["ok"] = torch.equal(out, eager)
         return K.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, meta=meta, sink=sink)
 
+    K.LAST_DECODE_LAUNCH.clear()
     sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
     assert captured["ok"]
+    assert K.LAST_DECODE_LAUNCH["num_warps"] == warps
 
 
 @pytest.mark.gpu

@@ -27,8 +27,8 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_LUT4, NARROW_TILE, choose_splits, layout_constexprs, narrow_cfg, narrow_splits,
-                     next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
+from .params import (DC, NARROW_LUT4, NARROW_TILE, W2_CFG, W2_TILE, choose_splits, layout_constexprs, narrow_cfg,
+                     narrow_splits, next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
@@ -148,6 +148,14 @@ def _narrow_ok(kw: dict, D: int, B: int) -> bool:
     return kw.get("VMODE") == 1 and not kw["PROD"] and D <= 128 and B <= 32
 
 
+def _w2_ok(kw: dict, D: int, B: int) -> bool:
+    """The layers the two-warp decode launch is for: 4 value lattices (2- and 3-bit values), no QJL keys, head_dim
+    64 or 128, blocks <= 32 tokens. Offline (benchmarks/kernel_regs.py, tq3) its 168 registers hold those with at most
+    48 B spilled; head_dim 96 (padded) spills 400 B, blocks of 64 / 128 tokens 392 / 1,592 B (the 4-warp launch: 112
+    / 656), so they keep the 4-warp launch."""
+    return kw.get("RV") == 4 and not kw["PROD"] and D in (64, 128) and B <= 32
+
+
 def _programs_per_sm(name: str) -> int:
     """Programs of launch `name` resident per SM (`params.programs_per_sm`): the wave size the split count plans
     for. 4 for the decode default (4 warps at 128 registers)."""
@@ -219,6 +227,8 @@ class KernelMeta:
     # split count of the narrow decode launch (params.NARROW_CFG) where the batch is large enough, else 0; the launch
     # takes it when the layer's codes allow (`_narrow_ok`)
     narrow_splits: int = 0
+    # split count of the two-warp decode launch (params.W2_CFG) for layers with 4 value lattices (`_w2_ok`), else 0
+    w2_splits: int = 0
     # host (query_start_loc [R+1], seq_lens [R], ctx_lens [R]) of the step, for the prefill plan (None: read the
     # plan's tensors when first needed)
     host_rows: tuple | None = None
@@ -268,17 +278,25 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
     mode = os.environ.get("TQ_VLLM_DECODE_NARROW", DECODE_NARROW)
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_DECODE_NARROW={mode!r}: choose auto, 0 or 1")
-    if mode != "0" and not any(f"TQ_VLLM_DECODE_{k}" in os.environ for k in ("CFG", "TILE", "MAXNREG", "SPLITS")):
+    explicit = any(f"TQ_VLLM_DECODE_{k}" in os.environ for k in ("CFG", "TILE", "MAXNREG", "SPLITS"))
+    if mode != "0" and not explicit:
         # (an explicit launch configuration from the environment, for sweeps, holds for every batch)
         narrow = narrow_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, sms)
         if mode == "1" and num_decode_rows > 0:
             narrow = narrow or choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, NARROW_TILE, sms, factor)
+    w2 = 0
+    w2_mode = os.environ.get("TQ_VLLM_DECODE_W2", "auto")
+    if w2_mode not in ("auto", "0"):
+        raise ValueError(f"TQ_VLLM_DECODE_W2={w2_mode!r}: choose auto or 0")
+    if w2_mode == "auto" and not explicit:
+        w2 = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, W2_TILE, sms, factor,
+                           per_sm=programs_per_sm(W2_CFG["maxnreg"], W2_CFG["num_warps"]))
     S = int(os.environ.get("TQ_VLLM_DECODE_SPLITS", "0")) or S  # fixed split count (benchmark sweeps)
     G = (num_q_heads // num_kv_heads) if num_q_heads else 1
     GP = max(next_pow2(G), int(os.environ.get("TQ_VLLM_MIN_GP", "1")))
     qt = max(1, int(os.environ.get("TQ_VLLM_PREFILL_ROWS", PREFILL_ROWS)) // GP)
     return KernelMeta(num_decode_rows=int(num_decode_rows), num_splits=S, decode_tile=tile, prefill_qt=qt,
-                      host_rows=host_rows, narrow_splits=int(narrow))
+                      host_rows=host_rows, narrow_splits=int(narrow), w2_splits=int(w2))
 
 
 def _meta(plan, H, Hq, meta):
@@ -559,6 +577,11 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             S, tile = meta.narrow_splits, NARROW_TILE
             cfg.update(narrow_cfg())
             kwd = {**kw, **_lut_modes(codec, query.device, kw["RK"], kw["RV"], NARROW_LUT4)}
+            if _interp():
+                cfg.pop("maxnreg")
+        elif meta.w2_splits and _w2_ok(kw, D, B):
+            S, tile = meta.w2_splits, W2_TILE
+            cfg.update(W2_CFG)
             if _interp():
                 cfg.pop("maxnreg")
         LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"],

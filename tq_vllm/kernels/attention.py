@@ -392,6 +392,10 @@ def _tq_attn_kernel(
                 uT3 = tl.trans((u_3 / usc[:, None]).to(tl.float16))
             # sqrt(pi/2)/D * (S q') . sign, in the same log2 units as the scores
             usc = usc * (1.2533141373155003 / D) * sm_log2
+        # the joined 1-bit plane nibbles decode wrongly on the GPU in the split launch at 16 lattice columns (3-bit
+        # codes, head_dim 64: tests/test_kernels.py::test_gpu_other_shapes, H200, Triton 3.6; found 2026-11-28, the
+        # fused launch and 32+ columns pass); those take one byte load per column
+        HJ16: tl.constexpr = 1 if (FUSED or (XK >= 32 and XV >= 32)) else 0
         tK = tl.arange(0, XK)[None, :]
         tKm = tK < D // RK
         tVT = tl.arange(0, XV)[:, None]  # values are decoded transposed, [XV, tokens]: the dot's A operand
@@ -434,7 +438,7 @@ def _tq_attn_kernel(
                     VMSO)
             # ---- keys: centroid dot products, scaled per token ----
             k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
-                                          KMODE, KASM, m2, XK * H1J, 1, KSG)
+                                          KMODE, KASM, m2, XK * H1J * HJ16, 1, KSG)
             x = tl.dot(k0_, qT0)
             if RK > 1:
                 x += tl.dot(k1_, qT1)
@@ -505,7 +509,7 @@ def _tq_attn_kernel(
             tokT = tok[None, :]
             mT = rvalid[None, :] & tVmT
             v0_, v1_, v2_, v3_ = _dec_all(CACHE, bT, tokT, mT, tVT, CV, RV, D, VO0, VW0, VO1, VW1, VO2, VW2,
-                                          VMODE, VASM, rvalid[None, :], XV * H1J, 0, VSG)
+                                          VMODE, VASM, rvalid[None, :], XV * H1J * HJ16, 0, VSG)
             if VMODE == 1 and (VSG or LZ):  # grid values: the signed form has no offset term
                 if not VSG:  # offset form: GOFF·Σpv (the fp16 pv the dots see) is removed after the loop
                     s_acc = s_acc * alpha[None, :] + pv.to(tl.float32) * vmx[None, :]

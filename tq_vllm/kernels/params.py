@@ -220,6 +220,19 @@ NARROW_LUT4 = "offset"
 NARROW_WAVES = 2.9  # its split count keeps the page programs just under 3 waves (64 x 8 pairs: 8 splits, 32 x 8: 17)
 
 
+# The two-warp decode launch for layers with 4 value lattices (2- and 3-bit values: tq3, tq35, tq25): programs of 2
+# warps over 64-token tiles at up to 168 registers (6 programs per SM), 3 pipeline stages. In the 4-warp program a
+# value lattice is a [32, tokens] A operand, half the rows of 4 warps' MMA layout (Triton gives chained dots one warp
+# layout, and the score dot's puts the warps along the tokens), so two warps repeat the other two's value dots. Two
+# warps cover the 32 rows once. (3-bit values are still decoded in a blocked layout and moved to the operand layout
+# through shared memory: their high-bit nibbles are interleaved across rows.) Measured on an H200 (B = 32, 2026-11-28,
+# decode_variants.jsonl "2026-11-28a"), against the 4-warp launch in the same call: tq3 32 x 32K 0.916 vs 1.102 ms,
+# 64 x 8K 0.488 vs 0.570, 8 x 8K 0.089 vs 0.095, 1 x 1K 0.0202 vs 0.0209; tq25 32 x 32K 0.832 vs 1.077; tq35 0.993 vs
+# 1.270. Not for 4-bit values (two lattices of 64 rows already fill 4 warps): tq4 32 x 32K 0.670 vs 0.622.
+W2_CFG = dict(num_warps=2, num_stages=3, maxnreg=168)
+W2_TILE = 64
+
+
 def narrow_cfg() -> dict:
     """NARROW_CFG, its register cap overridden by TQ_VLLM_NARROW_MAXNREG (the split count follows the cap)."""
     cfg = dict(NARROW_CFG)
