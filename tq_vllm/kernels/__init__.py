@@ -577,13 +577,11 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             S, tile = meta.narrow_splits, NARROW_TILE
             cfg.update(narrow_cfg())
             kwd = {**kw, **_lut_modes(codec, query.device, kw["RK"], kw["RV"], NARROW_LUT4)}
-            if _interp():
-                cfg.pop("maxnreg")
         elif meta.w2_splits and _w2_ok(kw, D, B):
             S, tile = meta.w2_splits, W2_TILE
             cfg.update(W2_CFG)
-            if _interp():
-                cfg.pop("maxnreg")
+        if _interp():
+            cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"],
                                   lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
