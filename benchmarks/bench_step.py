@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""One layer's decode step as vLLM runs it (store, decode, split reduction, staging write in one CUDA graph), with
-the store before the attention or beside it on a second stream (TQ_VLLM_STORE_OVERLAP=0/1), at the Llama-3.1-8B
-attention shape. Rows decode one token each; `--complete N` of them complete a block in the step (their store
-runs), the others are mid-block, as in a batch whose prompts finished at staggered times.
+"""One layer's decode step as vLLM runs it (store, decode, split reduction, staging write in one CUDA graph) in
+launch variants on the same inputs, at the Llama-3.1-8B attention shape. Rows decode one token each; `--complete N`
+of them complete a block in the step (their store runs), the others are mid-block, as in a batch whose prompts
+finished at staggered times. The default variants: the store before the attention with the staging copy in a launch
+of its own (`sep`), the same with the staging copy in the split reduction's launch (`fold`), the store beside the
+attention on a second stream (`beside`).
 
     python benchmarks/bench_step.py                                  # the default grid -> table
     python benchmarks/bench_step.py --shapes 64x8192:2,1x32768:0 --out benchmarks/results/step_variants.jsonl
+    python benchmarks/bench_step.py --variants "a:STORE_OVERLAP=0;b:STORE_OVERLAP=1"   # TQ_VLLM_ knobs
 
-Each row: R x context : completed blocks, ms per layer step with the store before / beside the attention.
+Each row: R x context : completed blocks, ms per layer step in each variant, and each against the first.
 """
 from __future__ import annotations
 
@@ -65,28 +68,45 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tq4")
     ap.add_argument("--shapes", default="1x32768:0,1x32768:1,4x8192:0,4x8192:1,16x8192:1,32x8192:1,64x8192:0,"
                                         "64x8192:2,64x8192:8,128x8192:4")
+    ap.add_argument("--variants", default="sep:STORE_OVERLAP=0 STAGE_FOLD=0;fold:STORE_OVERLAP=0 STAGE_FOLD=1;"
+                                          "beside:STORE_OVERLAP=1",
+                    help="name:KEY=V KEY=V;... (keys without the TQ_VLLM_ prefix)")
     ap.add_argument("--out", default=None, help="append one JSON object per row")
     ap.add_argument("--note", default="")
     a = ap.parse_args(argv)
+    variants = []
+    for spec in a.variants.split(";"):
+        name, _, kv = spec.partition(":")
+        variants.append((name.strip(), dict(x.split("=", 1) for x in kv.split())))
     dev = torch.cuda.get_device_name()
     print(f"{dev}, {a.preset}, one layer's decode step in a CUDA graph, ms")
-    print(f"{'rows':>5} {'context':>8} {'blocks':>6} {'before':>8} {'beside':>8} {'beside/before':>13}")
+    print(f"{'rows':>5} {'context':>8} {'blocks':>6} " + " ".join(f"{n:>8}" for n, _ in variants)
+          + "".join(f" {n + '/' + variants[0][0]:>12}" for n, _ in variants[1:]))
     for spec in a.shapes.split(","):
         shape, nc = spec.split(":")
         R, ctx = (int(x) for x in shape.split("x"))
         fn = step_case(a.preset, R, ctx, int(nc))
         ms = {}
-        for mode in ("0", "1"):
-            os.environ["TQ_VLLM_STORE_OVERLAP"] = mode
-            ms[mode] = bench(fn)
-        os.environ.pop("TQ_VLLM_STORE_OVERLAP")
-        print(f"{R:>5} {ctx:>8} {int(nc):>6} {ms['0']:>8.4f} {ms['1']:>8.4f} {ms['1'] / ms['0']:>13.3f}", flush=True)
+        for name, env in variants:
+            saved = {k: os.environ.get("TQ_VLLM_" + k) for k in env}
+            os.environ.update({"TQ_VLLM_" + k: v for k, v in env.items()})
+            try:
+                ms[name] = bench(fn)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop("TQ_VLLM_" + k, None)
+                    else:
+                        os.environ["TQ_VLLM_" + k] = v
+        base = ms[variants[0][0]]
+        print(f"{R:>5} {ctx:>8} {int(nc):>6} " + " ".join(f"{ms[n]:>8.4f}" for n, _ in variants)
+              + "".join(f" {ms[n] / base:>12.3f}" for n, _ in variants[1:]), flush=True)
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(dict(device=dev, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                                         preset=a.preset, rows=R, context=ctx, completed_blocks=int(nc),
-                                        ms_store_before=round(ms["0"], 5), ms_store_beside=round(ms["1"], 5),
-                                        note=a.note)) + "\n")
+                                        ms={n: round(ms[n], 5) for n, _ in variants},
+                                        variants={n: env for n, env in variants}, note=a.note)) + "\n")
     return 0
 
 

@@ -58,3 +58,27 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "engine" in item.keywords:
                 item.add_marker(skip)
+
+
+class _Shard:
+    """TQ_TEST_SHARD=i/n keeps every n-th selected test from the i-th, so that n pytest processes share one GPU (the
+    GPU sweeps spend their time compiling kernels, one CPU core per process)."""
+
+    def __init__(self, i: int, n: int):
+        self.i, self.n = i, n
+
+    @pytest.hookimpl(trylast=True)  # after -m / -k deselection: even shards
+    def pytest_collection_modifyitems(self, config, items):
+        config.hook.pytest_deselected(items=[it for j, it in enumerate(items) if j % self.n != self.i])
+        items[:] = [it for j, it in enumerate(items) if j % self.n == self.i]
+
+
+def pytest_configure(config):
+    shard = os.environ.get("TQ_TEST_SHARD")
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise pytest.UsageError(f"TQ_TEST_SHARD={shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+        config.pluginmanager.register(_Shard(i, n), "tq_shard")

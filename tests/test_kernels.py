@@ -110,7 +110,8 @@ def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, de
             assert err < _tol(dtype), (preset, D, B, G, step, rid, err)
     # codes may legitimately differ where a value sits on a decision boundary (fp32 summation order of the
     # rotation): a handful of bytes, never whole pages
-    same = (sa.cache == sb.cache).float().mean().item()
+    used = sorted({b for t in sa.tables.values() for b in t})  # pages of the schedule's blocks (not the rest)
+    same = (sa.cache[used] == sb.cache[used]).float().mean().item()
     assert same >= 0.999, same
     assert torch.equal(sa.staging, sb.staging)
     return codec, sa, sb
@@ -689,6 +690,29 @@ def test_store_beside_attention_many_rows_one_step(monkeypatch):
     _run_schedule("tq4", 64, 16, 2, 2, torch.bfloat16, steps, seed=43, num_blocks=48, lengths=64)
 
 
+def test_staging_in_reduce_launch(monkeypatch):
+    """Steps where every row decodes one token (rows completing blocks, first blocks sharing the 2 sink entries, a
+    row whose block stays open) run the staging copy and the sink commit in the split reduction's launch: no staging
+    launch of their own, and outputs, pages, staging and sink table equal to the reference's (`_run_schedule`) and,
+    bit for bit, to the separate launch's (TQ_VLLM_STAGE_FOLD=0)."""
+    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", "0")
+    n = 5
+    steps = ([[(r, 13 + r % 3) for r in range(n)]] + [[(r, 1) for r in range(n)] for _ in range(4)]
+             + [[(0, 17), (1, 2)]] + [[(r, 1) for r in range(2)] for _ in range(2)])
+    sims = {}
+    for fold in ("1", "0"):
+        monkeypatch.setenv("TQ_VLLM_STAGE_FOLD", fold)
+        K.LAUNCH_COUNTS.clear()
+        _, sims[fold], _ = _run_schedule("tq4", 64, 16, 2, 2, torch.bfloat16, steps, seed=47, num_blocks=48,
+                                         lengths=64, sink_entries=2)
+        assert K.LAUNCH_COUNTS["staging"] == (2 if fold == "1" else len(steps)), K.LAUNCH_COUNTS
+        assert K.LAUNCH_COUNTS["reduce"] == len(steps) - 2
+    a, b = sims["1"], sims["0"]
+    assert torch.equal(a.cache, b.cache) and torch.equal(a.staging, b.staging)
+    assert torch.equal(a.sink[0], b.sink[0]) and torch.equal(a.sink[1], b.sink[1])
+    assert bool((a.sink[1] != 0).all())  # every entry was committed (6 first tokens over 2 entries)
+
+
 def test_write_staging_matches_reference():
     D, B, H = 64, 16, 2
     st_a = torch.randn(4, 2, B, H, D, device=DEV).to(torch.bfloat16)
@@ -768,6 +792,31 @@ def test_gpu_other_shapes(D, B, G, dtype):
     _run_schedule("tq3", D, B, 4, G, dtype, sched, seed=2, num_blocks=256, device="cuda")
 
 
+# every preset over head_dim 64/96/128/256, blocks of 16-128 tokens, fp16 and bf16, GQA 1/4/7/8: each preset sees
+# every head_dim and block size once (a Latin square over the presets), in prefill, chunk and decode steps with
+# several splits (run in shards in parallel on the device: TQ_TEST_SHARD, tests/conftest.py)
+_SWEEP_B = (16, 32, 64, 128)
+_SWEEP_G = (1, 4, 7, 8)
+GPU_SWEEP = [(p, D, _SWEEP_B[(i + j) % 4], _SWEEP_G[(i + 2 * j) % 4], (torch.bfloat16, torch.float16)[(i + j) % 2])
+             for i, p in enumerate(PRESETS) for j, D in enumerate((64, 128, 256, 96))]
+# Seen on an H200 (2026-11-28, deterministic): the chunk row of step 2 has a relative error of 0.00896 against the
+# reference (tolerance 0.008; ~0.002 in every other row and case, 0.0045 in the interpreter), with FlashAttention
+# and with the fused kernel alike. Not yet explained (a code flip amplified by the QJL bits, or a decode issue):
+# strict, so that the day it passes it must be looked at again.
+_SWEEP_KNOWN = {("tq4-prod", 64, 16, 1): "tq4-prod, head_dim 64, block 16, GQA 1: error 0.00896 > 0.008 on an H200"}
+GPU_SWEEP = [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason=_SWEEP_KNOWN[c[:4]]))
+             if c[:4] in _SWEEP_KNOWN else c for c in GPU_SWEEP]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,D,B,G,dtype", GPU_SWEEP)
+def test_gpu_sweep(preset, D, B, G, dtype):
+    sched = [[(0, 5 * B + 7), (1, B - 1)], [(0, 1), (1, 1), (2, 3 * B + 1)], [(0, 1), (1, 1), (2, 1)],
+             [(0, B + 3), (1, 1), (2, 1), (3, 700)], [(0, 1), (1, 1), (2, 1), (3, 1)]]
+    _run_schedule(preset, D, B, 4, G, dtype, sched, seed=_seed(preset, D, B, G), num_blocks=256, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset,warps", [("tq4", 4), ("tq3", 2)])
 def test_gpu_cuda_graph_decode(preset, warps):
@@ -802,11 +851,13 @@ def test_gpu_cuda_graph_decode(preset, warps):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_store_beside_attention(monkeypatch):
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_gpu_cuda_graph_store_beside_attention(overlap, monkeypatch):
     """A decode step whose store runs on a side stream beside the attention (first blocks sharing sink entries and
     later blocks completing), captured in a CUDA graph: the replay gives the eager step's output, pages, staging and
-    sink table, and those match the reference with the sink table written after the attention."""
-    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", "1")  # at any row count
+    sink table, and those match the reference with the sink table written after the attention. overlap=0: the store
+    before the attention, the staging copy and sink commit in the split reduction's launch."""
+    monkeypatch.setenv("TQ_VLLM_STORE_OVERLAP", overlap)  # 1: at any row count
     D, B, H, G, R = 128, 16, 8, 4, 6
     codec = LayerCodec("tq4", D, B, device="cuda")
     q, k, v = _seqs(R, 600, H, G, D, torch.bfloat16, seed=11)
@@ -816,7 +867,8 @@ def test_gpu_cuda_graph_store_beside_attention(monkeypatch):
 
     def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
         meta = K.prepare(plan, H, H * G, num_decode_rows=R)
-        assert K._store_beside(q_, plan, meta)
+        assert K._store_beside(q_, plan, meta) == (overlap == "1")
+        K.LAUNCH_COUNTS.clear()
         state = [cache, staging, *sink]
         before = [t.clone() for t in state]
         ref_state = [t.clone() for t in before]
@@ -842,10 +894,12 @@ def test_gpu_cuda_graph_store_beside_attention(monkeypatch):
         res["ref_sink"] = torch.equal(sink[1], ref_state[3]) and torch.equal(sink[0], ref_state[2])
         res["ref_staging"] = torch.equal(staging, ref_state[1])
         res["ref_pages"] = (cache == ref_state[0]).float().mean().item()
+        res["staging_launches"] = K.LAUNCH_COUNTS["staging"]
         return out
 
     sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
     assert res["replay_out"] and all(res["replay_state"]), res
     assert res["ref_err"] < _tol(torch.bfloat16) and res["ref_sink"] and res["ref_staging"], res
     assert res["ref_pages"] >= 0.999, res
+    assert res["staging_launches"] == (2 if overlap == "1" else 0), res  # eager + capture; folded: none
 

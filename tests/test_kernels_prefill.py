@@ -47,10 +47,13 @@ def _keys_seen(pp, qsl, seq, ctx, rows, B):
             content[int(d)] = ("q", int(r), int(b))
         exact_tok = {}
         for s, d in zip(h["in_src"], h["in_dst"]):
-            exact_tok[int(d)] = ("in", int(s))
+            exact_tok[int(d)] = ("in", int(s)) if s >= 0 else ("zero",)
         for r, o, d in zip(h["st_row"], h["st_off"], h["st_dst"]):
             assert int(d) not in exact_tok
             exact_tok[int(d)] = ("st", int(r), int(o))
+        # every position of an exact block is written (FlashAttention may load whole pages)
+        for wb in {d // B for d in exact_tok}:
+            assert all(wb * B + j in exact_tok for j in range(B)), (wb, B)
         cu = h["cu_q"]
         for s in range(len(h["seqused_k"])):
             n = int(h["seqused_k"][s])
@@ -63,6 +66,7 @@ def _keys_seen(pp, qsl, seq, ctx, rows, B):
                     keys.append(("q", r, b * B + j % B))
                 else:
                     tok = exact_tok[wb * B + j % B]
+                    assert tok != ("zero",), "a visible key is one of the zeros"
                     keys.append(("x", tok))
             m = e - a
             for i in range(m):
@@ -194,7 +198,9 @@ def _fill_case(g, T, H, D, B, slots, dtype):
     ctx_slot = torch.randperm(slots, generator=g)[:rows].to(**i32)
     dst = torch.randperm(4 * B, generator=g)
     E, F = int(torch.randint(1, 2 * B, (1,), generator=g)), int(torch.randint(1, B, (1,), generator=g))
-    ps = K.FillLists(in_src=torch.randint(0, T, (E,), generator=g).to(**i32), in_dst=dst[:E].to(**i32),
+    src = torch.randint(0, T, (E,), generator=g)
+    src[torch.rand(E, generator=g) < 0.25] = -1  # zeros (the tail of a pass's last exact block)
+    ps = K.FillLists(in_src=src.to(**i32), in_dst=dst[:E].to(**i32),
                      st_row=torch.randint(0, rows, (F,), generator=g).to(**i32),
                      st_off=torch.randint(0, B, (F,), generator=g).to(**i32), st_dst=dst[E:E + F].to(**i32))
     return key, value, staging, ctx_slot, ps
@@ -218,7 +224,9 @@ def test_fill_workspace_matches_indexing(H, D, B, dtype):
     written = torch.cat([ps.in_dst, ps.st_dst]).long()
     assert not torch.isnan(tk[written]).any()
     assert torch.equal(tk[written], rk[written]) and torch.equal(tv[written], rv[written])
-    assert torch.equal(tk[ps.in_dst.long()], key[ps.in_src.long()])
+    src = ps.in_src.long()
+    assert torch.equal(tk[ps.in_dst.long()[src >= 0]], key[src[src >= 0]])
+    assert (tk[ps.in_dst.long()[src < 0]] == 0).all() and (tv[ps.in_dst.long()[src < 0]] == 0).all()
     slots = ctx_slot[ps.st_row.long()].long()
     assert torch.equal(tv[ps.st_dst.long()], staging[slots, 1, ps.st_off.long()])
     others = torch.ones(4 * B, dtype=torch.bool, device=DEV)

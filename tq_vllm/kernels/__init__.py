@@ -15,6 +15,7 @@ length of `plan.qb_row` (entries < 0 are skipped, so it may be padded to a fixed
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 import os
@@ -99,12 +100,14 @@ LAST_DECODE_LAUNCH: dict = {}  # the last decode launch's splits, tile, warps, 4
 
 
 _FALLBACK_USED: dict = {}
+LAUNCH_COUNTS: collections.Counter = collections.Counter()  # launches per kernel name (tests clear and read it)
 
 
 def _launch(name, kernel, grid, args, kwargs, fallbacks=()):
     """Launch `kernel`; if its first compilation for this configuration fails on this GPU/Triton (out of shared
     memory, a lowering error), retry with each dict of kwarg overrides in `fallbacks` and remember the one that
     worked. Compilation happens on the first (warm-up) call, never inside a CUDA-graph capture."""
+    LAUNCH_COUNTS[name] += 1
     key = (name, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (int, bool)))))
     over = _FALLBACK_USED.get(key)
     if over is not None:
@@ -201,14 +204,24 @@ def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_KDEPS = {"attention": ("store",), "dequant": ("store", "attention")}  # kernel modules that import @jit helpers
+_KGEN: dict = {}  # name -> how many times it was (re)imported
+
+
 def _kmod(name: str):
-    """The Triton kernel module `name`, (re)imported so that its @triton.jit matches TRITON_INTERPRET now."""
+    """The Triton kernel module `name`, (re)imported so that its @triton.jit (and those of the modules it imports
+    helpers from, `_KDEPS`) match TRITON_INTERPRET now."""
     interp = os.environ.get("TRITON_INTERPRET") == "1"
+    deps = _KDEPS.get(name, ())
+    for d in deps:
+        _kmod(d)
+    gens = tuple(_KGEN.get(d, 0) for d in deps)
     full = f"{__name__}.{name}"
-    mod, was = _MODS.get(name, (None, None))
-    if mod is None or was != interp:
+    mod, was, was_gens = _MODS.get(name, (None, None, None))
+    if mod is None or was != interp or was_gens != gens:
         mod = importlib.reload(sys.modules[full]) if full in sys.modules else importlib.import_module(full)
-        _MODS[name] = (mod, interp)
+        _KGEN[name] = _KGEN.get(name, 0) + 1
+        _MODS[name] = (mod, interp, gens)
     return mod
 
 
@@ -498,7 +511,15 @@ def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if R == 0:
         return
     S_, two, B, H, D = staging.shape
-    mod = _kmod("store")
+    sargs, cargs, skw = _staging_args(staging, key, value, plan, commit_sink)
+    _launch("staging", _kmod("store")._tq_staging_kernel, (R, H), (
+        key, value, staging, plan.query_start_loc, plan.seq_lens, plan.open_slot, *sargs, *cargs),
+        dict(**skw, H=H, num_warps=4))
+
+
+def _staging_args(staging, key, value, plan: StepPlan, commit_sink=None):
+    """(strides, sink-commit args, constexprs) of `store._stage_row` / `store._sink_commit` in a launch."""
+    S_, two, B, H, D = staging.shape
     Mb = plan.qb_row.numel()
     if commit_sink is not None and Mb:
         pkv, ptag, kv, tags, n, ps, ks = _pending_args(commit_sink, plan)
@@ -506,11 +527,9 @@ def write_staging(staging: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         z = plan.open_slot
         cargs, commit = (z, z, 0, staging, z, staging, z, 1, 0, 0, 0, 0, 0, 0), False
-    _launch("staging", mod._tq_staging_kernel, (R, H), (
-        key, value, staging, plan.query_start_loc, plan.seq_lens, plan.open_slot,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), *cargs),
-        dict(D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), H=H, COMMIT=commit, num_warps=4))
+    sargs = (key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+             staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3))
+    return sargs, cargs, dict(D=D, DP=next_pow2(D), B=B, BP=next_pow2(B), COMMIT=commit)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -527,13 +546,16 @@ def _tile_cfg(B: int, tile: int):
 def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     kv_cache: torch.Tensor, staging: torch.Tensor, plan: StepPlan, scale: float,
                     out: torch.Tensor | None = None, meta: KernelMeta | None = None,
-                    force: str | None = None, sink=None, workspace=None) -> torch.Tensor:
+                    force: str | None = None, sink=None, workspace=None, stage: bool = False,
+                    commit_sink=None) -> torch.Tensor:
     """Causal attention of the step's queries with decode semantics (earlier blocks from pages, own block exact;
     token 0 of a first block exact from the sink table `sink` when its tag matches).
     Returns `out` [T, Hq, D] (query dtype unless `out` is given). Call after `store_blocks` and before
     `write_staging` of the same step. Decode rows run the split-K Triton kernel; prefill/chunk rows run
     FlashAttention over dequantized pages (`prefill_mode`, `workspace`: a `prefill.PrefillWorkspace`, default the
-    shared one of this device) or the fused Triton kernel."""
+    shared one of this device) or the fused Triton kernel.
+    `stage=True` (steps where every row decodes one token, on the Triton path): the split reduction also does
+    `write_staging(..., commit_sink=commit_sink)`'s work, so the caller must not call it (`forward_step`)."""
     T, Hq, D = query.shape
     if out is None:
         out = torch.empty(T, Hq, D, dtype=query.dtype if query.dtype != torch.float32 else torch.float32,
@@ -598,10 +620,20 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         mode = os.environ.get("TQ_VLLM_REDUCE_PM1", "auto")
         if mode == "0" or (mode == "auto" and nd * H < REDUCE_PM1_PAIRS):
             rot, rpm1, rrsd = tb.rot, False, 1.0
+        if stage:
+            if nd != R:
+                raise ValueError("paged_attention(stage=True) needs a step where every row decodes one token")
+            sargs, cargs, skw = _staging_args(staging, key, value, plan, commit_sink)
+            stage_args, skw = (key, value, staging, plan.seq_lens, plan.open_slot, *sargs, *cargs), dict(
+                B=skw["B"], BP=skw["BP"], COMMIT=skw["COMMIT"])
+        else:
+            z = plan.seq_lens
+            stage_args, skw = (z, z, z, z, z, 0, 0, 0, 0, 0, 0, 0, 0, z, z, 0, z, z, z, z, 1, 0, 0, 0, 0, 0, 0), {}
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
-            po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd), dict(
+            po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd,
+            *stage_args), dict(
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(),
-            **_cfg("REDUCE")))
+            STAGE=stage, **skw, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:
@@ -699,13 +731,15 @@ def dequantize_blocks(codec: LayerCodec, kv_cache: torch.Tensor, block_ids: torc
 
 def fill_workspace(key, value, staging, ctx_slot, ps, wk, wv, force: str | None = None) -> None:
     """The exact tokens of a prefill pass into the workspace: wk/wv [blocks*B, H, D] rows ps.in_dst <- key/value
-    [T, H, D] rows ps.in_src, and rows ps.st_dst <- staging [slots, 2, B, H, D] of slot ctx_slot[ps.st_row] at
-    offset ps.st_off (`ps`: a PrefillPass or FillLists). One Triton launch per list on CUDA (torch indexing
-    elsewhere)."""
+    [T, H, D] rows ps.in_src (zeros where ps.in_src < 0), and rows ps.st_dst <- staging [slots, 2, B, H, D] of slot
+    ctx_slot[ps.st_row] at offset ps.st_off (`ps`: a PrefillPass or FillLists). One Triton launch per list on CUDA
+    (torch indexing elsewhere)."""
     if not use_triton(wk, force):
         if ps.in_dst.numel():
-            wk[ps.in_dst.long()] = key[ps.in_src.long()].to(wk.dtype)
-            wv[ps.in_dst.long()] = value[ps.in_src.long()].to(wv.dtype)
+            src = ps.in_src.long()
+            zero = (src < 0)[:, None, None]  # zeros after a pass's last exact key
+            wk[ps.in_dst.long()] = key[src.clamp_min(0)].to(wk.dtype).masked_fill(zero, 0)
+            wv[ps.in_dst.long()] = value[src.clamp_min(0)].to(wv.dtype).masked_fill(zero, 0)
         if ps.st_dst.numel():
             slots = ctx_slot[ps.st_row.long()].long()
             off = ps.st_off.long()
@@ -835,8 +869,9 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
     """One layer's step: store the completed blocks, attend, then stage the open blocks. Returns out [T, Hq, D].
     `sink` = (kv [N, 2, H, D], tags [N, H]) from `codec.new_sink_table` (None: token 0 stays coded).
     In a step where every row decodes one token no query reads a block completed in it (its own block is exact):
-    the store's sink-table entries wait for the staging launch after the attention (no commit launch of their own),
-    and from STORE_OVERLAP_ROWS rows on CUDA the store runs beside the attention on a second stream."""
+    the store's sink-table entries wait for the staging copy after the attention (no commit launch of their own),
+    and from STORE_OVERLAP_ROWS rows on CUDA the store runs beside the attention on a second stream. Below that the
+    staging copy and the commit run in the split reduction's launch (TQ_VLLM_STAGE_FOLD=0: a launch of their own)."""
     tri = use_triton(query, force)
     if tri:
         meta = _meta(plan, key.shape[1], query.shape[1], meta)
@@ -850,11 +885,14 @@ def forward_step(codec: LayerCodec, query, key, value, kv_cache, staging, plan: 
             store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=True)
     else:
         store_blocks(codec, kv_cache, staging, key, value, plan, sink=sink, force=force, defer_sink=decode_only)
+    # decode-only steps without a side stream: the staging copy (and sink commit) in the split reduction's launch
+    fold = decode_only and side is None and plan.num_rows > 0 and os.environ.get("TQ_VLLM_STAGE_FOLD", "1") != "0"
     out = paged_attention(codec, query, key, value, kv_cache, staging, plan, scale, out=out, meta=meta, force=force,
-                          sink=sink, workspace=workspace)
+                          sink=sink, workspace=workspace, stage=fold, commit_sink=sink if fold else None)
     if side is not None:
         torch.cuda.current_stream(query.device).wait_stream(side)
-    write_staging(staging, key, value, plan, force=force, commit_sink=sink if decode_only else None)
+    if not fold:
+        write_staging(staging, key, value, plan, force=force, commit_sink=sink if decode_only else None)
     return out
 
 

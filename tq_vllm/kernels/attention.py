@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .lut import GRID_OFFSET
+from .store import _sink_commit, _stage_row
 
 LOG2E = 1.4426950408889634
 GOFF: tl.constexpr = tl.constexpr(GRID_OFFSET)  # the 4-bit asm's fp16 of a grid code = GOFF + (u - 63.5)
@@ -672,17 +673,32 @@ def _tq_attn_kernel(
         tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
 
 
-@triton.jit(do_not_specialize=["NS1", "nd"])
+@triton.jit(do_not_specialize=["NS1", "nd", "num_qb", "n_sink"])
 def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
+                      KIN, VIN, STG, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
+                      QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                       S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1, PM1: tl.constexpr = False,
-                      INTERP: tl.constexpr = False):
+                      INTERP: tl.constexpr = False, STAGE: tl.constexpr = False, B: tl.constexpr = 16,
+                      BP: tl.constexpr = 16, COMMIT: tl.constexpr = False, CH: tl.constexpr = 16):
     """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
     0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
     already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once).
     PM1: PI holds sqrt(D)*Π = ±1 in bf16 (exact) and the fp32 sum is split into three bf16 parts (24 bits), so three
-    tensor-core products with fp32 accumulation give the fp32 product (times rsd); else PI is fp32 Π (FMA product)."""
+    tensor-core products with fp32 accumulation give the fp32 product (times rsd); else PI is fp32 Π (FMA product).
+    STAGE (steps where every row decodes, row0 = 0): the program also does the staging launch's work for its rows
+    (`store._stage_row`) and, COMMIT, the pending sink entries p, p + P, ... (`store._sink_commit`): one launch
+    fewer per layer, in the same order of effects (after the attention)."""
     h = tl.program_id(1)
+    if STAGE:
+        if COMMIT:
+            _sink_commit(tl.program_id(0), tl.num_programs(0), h, QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink,
+                         s_p0, s_p1, s_p2, s_k0, s_k1, s_k2, H, D, DP, CH)
+        for j in tl.static_range(RB):
+            rj = tl.program_id(0) * RB + j
+            if rj < nd:
+                _stage_row(rj, h, KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
+                           D, DP, B, BP)
     n = tl.arange(0, RB * GP)
     gg = n % GP
     i = tl.program_id(0) * RB + n // GP  # decode row of each column

@@ -104,13 +104,18 @@ def _tq_dequant_kernel(
     yk = _decode_side(CACHE, base, tok, tm, t, dm, CK, CKM, KO0, KW0, KO1, KW1, KO2, KW2, KSO, KC,
                       KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, D)
     if PROD:
-        # + ‖e‖ sqrt(pi/2)/D * (z @ S), z = ±1 from the QJL sign bits
-        m2 = tm[:, None] & dm[None, :]
-        z = (_codes(CACHE, base[:, None], tok[:, None], m2, t[None, :], 1, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
-             ).to(tl.float32)
-        sq = tl.load(SQ + t[:, None] * D + t[None, :], mask=dm[:, None] & dm[None, :], other=0.0)
+        # + ‖e‖ sqrt(pi/2)/D * (z @ S), z = ±1 from the QJL sign bits; S in row chunks of DC (the whole fp32 S
+        # as one dot operand needs 384 KB of shared memory at head_dim 256)
+        qjl = tl.zeros([NPG * BP, DP], dtype=tl.float32)
+        for c in tl.static_range(0, D, DC):
+            tc = c + tl.arange(0, DC)
+            mc = tm[:, None] & (tc < D)[None, :]
+            z = (_codes(CACHE, base[:, None], tok[:, None], mc, tc[None, :], 1, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
+                 ).to(tl.float32)
+            sq = tl.load(SQ + tc[:, None] * D + t[None, :], mask=(tc < D)[:, None] & dm[None, :], other=0.0)
+            qjl += tl.dot(z, sq, input_precision="ieee")
         rn = _bf16_at(CACHE, base + RNO, tok, tm)
-        yk += tl.dot(z, sq, input_precision="ieee") * (rn * (1.2533141373155003 / D))[:, None]
+        yk += qjl * (rn * (1.2533141373155003 / D))[:, None]
     woff = dst * s_w0 + tok.to(tl.int64) * s_w1 + h * s_w2
     _unrotate_store(yk, PI, PI16, rsd, WK, woff, tm, DP, D, DC, PM1, INTERP, sink_row, sk)
 
@@ -125,8 +130,9 @@ def _tq_ws_fill_kernel(KIN, VIN, STG, SRC, DST, ROWS, CSLOT, WK, WV, n,
                        H: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, TT: tl.constexpr,
                        FROM_STG: tl.constexpr):
     """Exact tokens into the workspace: rows DST[i] (flat workspace token, block*B + offset) <- the step's K/V at
-    token SRC[i] (FROM_STG 0), or staging slot CSLOT[ROWS[i]] at offset SRC[i] (FROM_STG 1). TT tokens x all
-    heads per program; HD = next_pow2(H*D). (One launch for what were four torch index copies per pass.)"""
+    token SRC[i] (FROM_STG 0; zeros where SRC[i] < 0), or staging slot CSLOT[ROWS[i]] at offset SRC[i]
+    (FROM_STG 1). TT tokens x all heads per program; HD = next_pow2(H*D). (One launch for what were four torch
+    index copies per pass.)"""
     i = tl.program_id(0) * TT + tl.arange(0, TT)
     ok = i < n
     j = tl.arange(0, HD)
@@ -135,6 +141,7 @@ def _tq_ws_fill_kernel(KIN, VIN, STG, SRC, DST, ROWS, CSLOT, WK, WV, n,
     m = ok[:, None] & (hh < H)[None, :]
     src = tl.load(SRC + i, mask=ok, other=0).to(tl.int64)
     dst = tl.load(DST + i, mask=ok, other=0).to(tl.int64)
+    ml = m & (src >= 0)[:, None]
     if FROM_STG:
         r = tl.load(ROWS + i, mask=ok, other=0)
         slot = tl.load(CSLOT + r, mask=ok, other=0).to(tl.int64)
@@ -144,5 +151,5 @@ def _tq_ws_fill_kernel(KIN, VIN, STG, SRC, DST, ROWS, CSLOT, WK, WV, n,
         kp = KIN + (src * s_kt)[:, None] + (hh * s_kh + dd)[None, :]
         vp = VIN + (src * s_vt)[:, None] + (hh * s_vh + dd)[None, :]
     wo = (dst * s_wt)[:, None] + (hh * s_wh + dd)[None, :]
-    tl.store(WK + wo, tl.load(kp, mask=m).to(WK.dtype.element_ty), mask=m)
-    tl.store(WV + wo, tl.load(vp, mask=m).to(WV.dtype.element_ty), mask=m)
+    tl.store(WK + wo, tl.load(kp, mask=ml, other=0.0).to(WK.dtype.element_ty), mask=m)
+    tl.store(WV + wo, tl.load(vp, mask=ml, other=0.0).to(WV.dtype.element_ty), mask=m)

@@ -195,6 +195,11 @@ def _make_pass(items, qsl, ctx, B, causal: bool, group: int, first: bool) -> Pre
                 st_dst.append(dst[old])
             in_src.append(qs + p[~old] - c)
             in_dst.append(dst[~old])
+            # zeros after the last exact key: FlashAttention masks those keys' scores but may still load their
+            # values (whole pages), and 0 x NaN of a stale workspace value would be NaN in the output
+            tail = np.arange(int(qe[-1]), (int(b[-1]) + 1) * B)
+            in_src.append(np.full(len(tail), -1))
+            in_dst.append(ex[-1] * B + tail % B)
         else:
             seg_k.append(cols * B)
         bt_rows.append(bt)
@@ -302,7 +307,9 @@ def flash_attn_fn():
 def varlen_paged_ref(q, kc, vc, cu_q, max_q, seqused_k, max_k, bt, scale, causal, out=None):
     """Torch model of the FlashAttention call above (the tests' stand-in on CPU): q [Tq, Hq, D],
     kc/vc [blocks, B, H, D], per segment s queries cu_q[s]..cu_q[s+1] and keys = the first seqused_k[s] tokens of
-    its block-table row; causal aligned bottom-right. Returns (out [Tq, Hq, D] q dtype, lse [Hq, Tq] float32)."""
+    its block-table row; causal aligned bottom-right. Returns (out [Tq, Hq, D] q dtype, lse [Hq, Tq] float32).
+    Like FlashAttention with whole-page loads, the values of the last page's keys past seqused_k enter the product
+    with weight 0 (so a NaN there makes the output NaN: the workspace must hold finite values there)."""
     Tq, Hq, D = q.shape
     _, B, H, _ = kc.shape
     G = Hq // H
@@ -314,14 +321,14 @@ def varlen_paged_ref(q, kc, vc, cu_q, max_q, seqused_k, max_k, bt, scale, causal
         if e <= a or n <= 0:
             continue
         blocks = bt[s, :-(-n // B)].long()
-        k = kc[blocks].reshape(-1, H, D)[:n].float().repeat_interleave(G, 1)
-        v = vc[blocks].reshape(-1, H, D)[:n].float().repeat_interleave(G, 1)
+        k = kc[blocks].reshape(-1, H, D).float().repeat_interleave(G, 1)  # whole pages
+        v = vc[blocks].reshape(-1, H, D).float().repeat_interleave(G, 1)
         x = torch.einsum("qhd,khd->hqk", q[a:e].float(), k) * scale
-        if causal:
-            m = e - a
-            i = torch.arange(m, device=q.device)[:, None]
-            j = torch.arange(n, device=q.device)[None, :]
-            x = x.masked_fill(~(j <= i + (n - m))[None], float("-inf"))
+        m = e - a
+        i = torch.arange(m, device=q.device)[:, None]
+        j = torch.arange(k.shape[0], device=q.device)[None, :]
+        vis = (j <= i + (n - m)) if causal else (j < n)
+        x = x.masked_fill(~(vis & (j < n))[None], float("-inf"))
         lse[:, a:e] = torch.logsumexp(x, -1)
         o[a:e] = torch.einsum("hqk,khd->qhd", torch.softmax(x, -1), v)
     if out is None:

@@ -432,35 +432,41 @@ def _tq_sink_commit_kernel(QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0,
                  n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2, H, D, DP, CH)
 
 
+@triton.jit
+def _stage_row(r, h, KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
+               D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr):
+    """Copy the exact K/V of row r's open block (positions max(ctx, seq//B*B) .. seq-1), KV head h, into its slot."""
+    slot = tl.load(OSLOT + r).to(tl.int64)
+    if slot >= 0:
+        qs = tl.load(QSL + r)
+        nq = tl.load(QSL + r + 1) - qs
+        L = tl.load(SEQ + r)
+        ctx = L - nq
+        p0 = tl.maximum(ctx, (L // B) * B)
+        tok = tl.arange(0, BP)
+        pos = p0 + tok
+        ok = pos < L
+        dd = tl.arange(0, DP)
+        m2 = ok[:, None] & (dd < D)[None, :]
+        src = (qs + pos - ctx).to(tl.int64)[:, None]
+        dst = STG + slot * s_g0 + (pos % B).to(tl.int64)[:, None] * s_g2 + h * s_g3 + dd[None, :]
+        k = tl.load(KIN + src * s_kt + h * s_kh + dd[None, :], mask=m2)
+        tl.store(dst, k.to(STG.dtype.element_ty), mask=m2)
+        v = tl.load(VIN + src * s_vt + h * s_vh + dd[None, :], mask=m2)
+        tl.store(dst + s_g1, v.to(STG.dtype.element_ty), mask=m2)
+
+
 @triton.jit(do_not_specialize=["num_qb", "n_sink"])
 def _tq_staging_kernel(KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
                        QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2, s_k0, s_k1, s_k2,
                        D: tl.constexpr, DP: tl.constexpr, B: tl.constexpr, BP: tl.constexpr, H: tl.constexpr = 1,
                        COMMIT: tl.constexpr = False, CH: tl.constexpr = 16):
-    """Copy the exact K/V of each row's open block (positions max(ctx, seq//B*B) .. seq-1) into its slot. COMMIT:
-    program (r, h) also commits the pending sink entries r, r + R, ... (`_sink_commit`; in a step where every row
-    decodes one token the store's sink-table writes wait until after the attention, which may run beside it)."""
+    """Program (r, h): `_stage_row`. COMMIT: program (r, h) also commits the pending sink entries r, r + R, ...
+    (`_sink_commit`; in a step where every row decodes one token the store's sink-table writes wait until after the
+    attention, which may run beside it)."""
     r = tl.program_id(0)
     h = tl.program_id(1)
     if COMMIT:
         _sink_commit(r, tl.num_programs(0), h, QBR, QBI, num_qb, PKV, PTAG, SKV, STAG, n_sink, s_p0, s_p1, s_p2,
                      s_k0, s_k1, s_k2, H, D, DP, CH)
-    slot = tl.load(OSLOT + r).to(tl.int64)
-    if slot < 0:
-        return
-    qs = tl.load(QSL + r)
-    nq = tl.load(QSL + r + 1) - qs
-    L = tl.load(SEQ + r)
-    ctx = L - nq
-    p0 = tl.maximum(ctx, (L // B) * B)
-    tok = tl.arange(0, BP)
-    pos = p0 + tok
-    ok = pos < L
-    dd = tl.arange(0, DP)
-    m2 = ok[:, None] & (dd < D)[None, :]
-    src = (qs + pos - ctx).to(tl.int64)[:, None]
-    dst = STG + slot * s_g0 + (pos % B).to(tl.int64)[:, None] * s_g2 + h * s_g3 + dd[None, :]
-    k = tl.load(KIN + src * s_kt + h * s_kh + dd[None, :], mask=m2)
-    tl.store(dst, k.to(STG.dtype.element_ty), mask=m2)
-    v = tl.load(VIN + src * s_vt + h * s_vh + dd[None, :], mask=m2)
-    tl.store(dst + s_g1, v.to(STG.dtype.element_ty), mask=m2)
+    _stage_row(r, h, KIN, VIN, STG, QSL, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3, D, DP, B, BP)
