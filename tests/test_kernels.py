@@ -712,6 +712,17 @@ def test_staging_in_reduce_launch(monkeypatch):
     assert torch.equal(a.sink[0], b.sink[0]) and torch.equal(a.sink[1], b.sink[1])
     assert bool((a.sink[1] != 0).all())  # every entry was committed (6 first tokens over 2 entries)
 
+    def chunk_step(codec, q, k, v, cache, staging, plan, scale, sink=None):  # a step with a prefill row: refused
+        with pytest.raises(ValueError, match="every row decodes one token"):
+            K.paged_attention(codec, q, k, v, cache, staging, plan, scale, force="triton", stage=True)
+        return _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=sink)
+
+    codec = LayerCodec("tq4", 64, 16, device=DEV)
+    q, k, v = _seqs(2, 40, 2, 2, 64, torch.bfloat16, seed=5)
+    sim = PagedSim(codec, 2, num_blocks=16, num_slots=4, dtype=torch.bfloat16, device=DEV)
+    sim.step(_ref_op, [(0, 20)], q, k, v, 0.125)
+    sim.step(chunk_step, [(0, 1), (1, 9)], q, k, v, 0.125)
+
 
 def test_write_staging_matches_reference():
     D, B, H = 64, 16, 2

@@ -571,6 +571,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     if R == 0 or T == 0:
         return out
     meta = _meta(plan, H, Hq, meta)
+    if stage and meta.num_decode_rows != R:
+        raise ValueError("paged_attention(stage=True) needs a step where every row decodes one token")
     lay = codec.layout
     B = lay.block_size
     kw = layout_constexprs(lay)
@@ -621,8 +623,6 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         if mode == "0" or (mode == "auto" and nd * H < REDUCE_PM1_PAIRS):
             rot, rpm1, rrsd = tb.rot, False, 1.0
         if stage:
-            if nd != R:
-                raise ValueError("paged_attention(stage=True) needs a step where every row decodes one token")
             sargs, cargs, skw = _staging_args(staging, key, value, plan, commit_sink)
             stage_args, skw = (key, value, staging, plan.seq_lens, plan.open_slot, *sargs, *cargs), dict(
                 B=skw["B"], BP=skw["BP"], COMMIT=skw["COMMIT"])
