@@ -280,7 +280,7 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
     dev = torch.device(device) if device is not None else plan.seq_lens.device
     sms = num_sms(dev.index or 0) if dev.type == "cuda" else 8
     tile = int(os.environ.get("TQ_VLLM_DECODE_TILE", DECODE_TILE)) or (128 if next_pow2(plan.block_size) <= 32 else 64)
-    factor = float(os.environ.get("TQ_VLLM_SPLIT_FACTOR", "2"))
+    factor = float(os.environ.get("TQ_VLLM_SPLIT_FACTOR", "0"))  # 0: each launch's programs per SM
     S = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, tile, sms, factor,
                       per_sm=_programs_per_sm("DECODE"))
     narrow = 0

@@ -184,14 +184,21 @@ def num_sms(device_index: int) -> int:
 
 
 def choose_splits(num_rows: int, num_kv_heads: int, max_seq_len: int, tile_tokens: int, sms: int,
-                  factor: float = 2.0, per_sm: int = 4, waves: int = 3, min_tiles: int = 8) -> int:
+                  factor: float | None = None, per_sm: int = 4, waves: int = 3, min_tiles: int = 8) -> int:
     """Split-K count of the decode launch (host ints only: CUDA-graph safe), the larger of
-    * small batches: enough programs to fill the GPU `factor` times, at least 2 tiles a split;
+    * small batches: `factor` programs per SM (default `per_sm`: every resident slot of the launch once), at least
+      2 tiles a split;
     * large batches: up to `waves` full waves of `per_sm` programs per SM (the decode kernel's occupancy at its
       128-register cap), at least `min_tiles` tiles a split.
     Measured on an H200 (tq4, B=32, 2026-11-27, decode_variants.jsonl): at 64 x 8K 1/2/3/4 splits took
     0.3818/0.3784/0.3769/0.3828 ms, at 32 x 32K 2/3/4/6/8 took 0.7197/0.7447/0.7111/0.7060/0.7067 (a part-filled
-    wave costs: 3 splits = 1.45 waves), at 8 x 8K 5/8/12/16 took 0.076/0.0646/0.0783/0.0704."""
+    wave costs: 3 splits = 1.45 waves), at 8 x 8K 5/8/12/16 took 0.076/0.0646/0.0783/0.0704. The small-batch rule
+    filled the GPU twice (factor 2) until 2026-11-28: a program's page tiles are a chain of dependent latencies, so
+    at 2 programs per SM the SMs idled; every slot once took tq4 1 x 32K from 0.0439 to 0.0358 ms and 4 x 8K from
+    0.0451 to 0.0368 (bf16 FlashAttention 3: 0.0417 / 0.0410), tq3 1 x 8K 0.0308 -> 0.0252 (decode_variants.jsonl
+    "2026-11-28c")."""
+    if factor is None or factor <= 0:
+        factor = per_sm
     if num_rows <= 0:
         return 1
     pairs = max(1, num_rows * num_kv_heads)
