@@ -39,6 +39,15 @@ def _import_triton_for_the_interpreter() -> None:
 _import_triton_for_the_interpreter()
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_partials(monkeypatch):
+    """Every test: the decode launch's split partials start as NaN, so a reduction that reads one nobody wrote shows
+    (`tq_vllm.kernels.POISON_PARTIALS`)."""
+    from tq_vllm import kernels
+
+    monkeypatch.setattr(kernels, "POISON_PARTIALS", True)
+
+
 def _has_cuda() -> bool:
     try:
         import torch

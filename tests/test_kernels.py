@@ -292,6 +292,54 @@ def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False, w2=False):
     return op
 
 
+@pytest.mark.parametrize("launch", ["4-warp", "w2", "narrow"])
+def test_reduce_reads_only_used_splits(launch, monkeypatch):
+    """TQ_VLLM_REDUCE_USED=1: the decode launch writes no partial for a page split past a row's tiles, and the split
+    reduction reads none. With the partials poisoned (NaN) the outputs equal, bit for bit, those of the launches that
+    write and read every split, for rows whose tiles fill every split, some of them (trailing splits empty when a
+    split holds several tiles) or none (a context shorter than a block)."""
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    monkeypatch.setenv("TQ_VLLM_DECODE_TILE", "32")  # (the 4-warp launch's tile; the others have their own)
+    D, B, H, G = 64, 16, 2, 4
+    codec = LayerCodec("tq3" if launch == "w2" else "tq4", D, B, device=DEV)
+    q, k, v = _seqs(4, 300, H, G, D, torch.bfloat16, seed=_seed("used", launch))
+    base = PagedSim(codec, H, num_blocks=64, num_slots=10, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    base.step(ref.forward_step, [(0, 250), (1, 9), (2, 40), (3, 130)], q, k, v, scale)
+
+    def run(nsplit):
+        got = {}
+
+        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=4), num_splits=nsplit,
+                                       narrow_splits=nsplit if launch == "narrow" else 0,
+                                       w2_splits=nsplit if launch == "w2" else 0)
+            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
+            got["out"] = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+            K.LAST_DECODE_LAUNCH.clear()
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=got["out"], meta=meta,
+                              force="triton", sink=sink)
+            got["launch"] = dict(K.LAST_DECODE_LAUNCH)
+            got["exp"] = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+            return got["exp"]
+        copy.deepcopy(base).step(op, [(0, 1), (1, 1), (2, 1), (3, 1)], q, k, v, scale)
+        return got
+
+    warps = {"4-warp": 4, "w2": 2, "narrow": 1}[launch]
+    for nsplit in (3, 13):
+        monkeypatch.setenv("TQ_VLLM_REDUCE_USED", "0")
+        every = run(nsplit)
+        monkeypatch.setenv("TQ_VLLM_REDUCE_USED", "1")
+        used = run(nsplit)
+        assert used["launch"]["num_warps"] == warps and used["launch"]["splits"] == nsplit, used["launch"]
+        assert not torch.isnan(used["out"]).any()
+        assert torch.equal(used["out"], every["out"]), nsplit
+        assert _rel(used["out"], used["exp"]) < 8e-3, nsplit
+    monkeypatch.setenv("TQ_VLLM_REDUCE_USED", "yes")
+    with pytest.raises(ValueError, match="TQ_VLLM_REDUCE_USED"):
+        run(3)
+
+
 @pytest.mark.parametrize("lz", ["0", "1"])
 def test_grid_path_lazy_sums_over_many_tiles(lz, monkeypatch):
     """The attention kernel with and without LZ (column sums kept per token row across page tiles, the value-scale

@@ -535,6 +535,18 @@ def _staging_args(staging, key, value, plan: StepPlan, commit_sink=None):
 # ------------------------------------------------------------------------------------------------------------
 # attention
 # ------------------------------------------------------------------------------------------------------------
+POISON_PARTIALS = False  # tests: NaN in the split partials before the decode launch (an unwritten one read shows)
+
+
+def _reduce_used() -> bool:
+    """`TQ_VLLM_REDUCE_USED=1`: the split reduction reads only the page partials a row's context reaches, and the
+    decode launch writes no others (opt-in until timed on a GPU)."""
+    mode = os.environ.get("TQ_VLLM_REDUCE_USED", "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_REDUCE_USED={mode!r}: choose 0 or 1")
+    return mode == "1"
+
+
 def _tile_cfg(B: int, tile: int):
     BP = next_pow2(B)
     BPS = min(BP, tile)
@@ -610,12 +622,15 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
                                   lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
+        used = _reduce_used()
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
+        if POISON_PARTIALS:
+            po.fill_(float("nan")), pml.fill_(float("nan"))
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
-            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), **cfg, **kwd),
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used, **cfg, **kwd),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
@@ -625,15 +640,15 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         if stage:
             sargs, cargs, skw = _staging_args(staging, key, value, plan, commit_sink)
             stage_args, skw = (key, value, staging, plan.seq_lens, plan.open_slot, *sargs, *cargs), dict(
-                B=skw["B"], BP=skw["BP"], COMMIT=skw["COMMIT"])
+                COMMIT=skw["COMMIT"])
         else:
-            z = plan.seq_lens
+            z = plan.seq_lens  # (SEQ: the seq_lens, which `USED` reads)
             stage_args, skw = (z, z, z, z, z, 0, 0, 0, 0, 0, 0, 0, 0, z, z, 0, z, z, z, z, 1, 0, 0, 0, 0, 0, 0), {}
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
             po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd,
             *stage_args), dict(
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(),
-            STAGE=stage, **skw, **_cfg("REDUCE")))
+            STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:

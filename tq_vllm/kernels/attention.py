@@ -286,7 +286,7 @@ def _tq_attn_kernel(
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
-    KSG: tl.constexpr = False, VSG: tl.constexpr = False,
+    KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -353,6 +353,10 @@ def _tq_attn_kernel(
         t_lo = s * tps
         t_hi = tl.where(s < NSPLIT, tl.minimum(t_lo + tps, n_tiles), t_lo)
         e_lo = tl.where(s == NSPLIT, (p_min // B) * B, p_max + 1)
+        if USED:
+            # a page split past the row's tiles writes nothing: the reduction does not read it (`_used_splits`)
+            if (s < NSPLIT) & (t_hi <= t_lo):
+                return
     if t_hi > t_lo:
         # ---- rotated, scaled query, lattice by lattice; per-column max for an fp16 operand ----
         q_0 = _qrot(Q, qoff, mvalid, PIQ, RK, 0, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
@@ -673,6 +677,16 @@ def _tq_attn_kernel(
         tl.store(PML + pidx * (2 * GP) + GP + mm, l_i)
 
 
+@triton.jit
+def _used_splits(seq_len, NSPLIT, B: tl.constexpr, TPG: tl.constexpr, SUBT: tl.constexpr):
+    """Page splits (of NSPLIT) of a decode row of `seq_len` tokens that hold a tile: the decode kernel's split s covers
+    tiles [s*tps, min((s+1)*tps, n_tiles)), so s holds one iff s < cdiv(n_tiles, tps). TPG pages per tile, SUBT
+    tiles per page group (`kernels._tile_cfg`)."""
+    n_tiles = tl.cdiv((seq_len - 1) // B, TPG) * SUBT
+    tps = tl.maximum(tl.cdiv(n_tiles, NSPLIT), 1)
+    return tl.cdiv(n_tiles, tps)
+
+
 @triton.jit(do_not_specialize=["NS1", "nd", "num_qb", "n_sink"])
 def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
                       KIN, VIN, STG, SEQ, OSLOT, s_kt, s_kh, s_vt, s_vh, s_g0, s_g1, s_g2, s_g3,
@@ -680,7 +694,8 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                       S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1, PM1: tl.constexpr = False,
                       INTERP: tl.constexpr = False, STAGE: tl.constexpr = False, B: tl.constexpr = 16,
-                      BP: tl.constexpr = 16, COMMIT: tl.constexpr = False, CH: tl.constexpr = 16):
+                      BP: tl.constexpr = 16, COMMIT: tl.constexpr = False, CH: tl.constexpr = 16,
+                      USED: tl.constexpr = False, TPG: tl.constexpr = 1, SUBT: tl.constexpr = 1):
     """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
     0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
     already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once).
@@ -688,7 +703,9 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     tensor-core products with fp32 accumulation give the fp32 product (times rsd); else PI is fp32 Π (FMA product).
     STAGE (steps where every row decodes, row0 = 0): the program also does the staging launch's work for its rows
     (`store._stage_row`) and, COMMIT, the pending sink entries p, p + P, ... (`store._sink_commit`): one launch
-    fewer per layer, in the same order of effects (after the attention)."""
+    fewer per layer, in the same order of effects (after the attention).
+    USED: only the page partials a row's context reaches are read (`_used_splits`; the decode launch with USED
+    writes no others). In CUDA graphs the split count comes from max_model_len, so most are empty at short contexts."""
     h = tl.program_id(1)
     if STAGE:
         if COMMIT:
@@ -712,6 +729,9 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     pbase = ((i * H + h) * NS1).to(tl.int64)  # [RG]
     ml = PML + (pbase[None, :] + sidx[:, None]) * (2 * GP) + gg[None, :]  # [S1P, RG]
     m2 = sv[:, None] & ok[None, :]
+    if USED:
+        n_used = _used_splits(tl.load(SEQ + r, mask=iv, other=1), NS1 - 1, B, TPG, SUBT)  # [RG]
+        m2 = m2 & ((sidx[:, None] < n_used[None, :]) | (sidx[:, None] == NS1 - 1))
     m_s = tl.load(ml, mask=m2, other=float("-inf"))
     l_s = tl.load(ml + GP, mask=m2, other=0.0)
     m = tl.max(m_s, axis=0)
@@ -730,7 +750,7 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     for c in tl.static_range(0, D, DC):
         dc = c + tl.arange(0, DC)
         po = PO + ((pbase[None, :, None] + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
-        o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & ok[None, :])[:, :, None], other=0.0)
+        o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & m2)[:, :, None], other=0.0)
                    * wr[:, :, None], axis=0)  # [RG, DC]
         pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
         if PM1:
