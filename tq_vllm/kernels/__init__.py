@@ -539,9 +539,11 @@ POISON_PARTIALS = False  # tests: NaN in the split partials before the decode la
 
 
 def _reduce_used() -> bool:
-    """`TQ_VLLM_REDUCE_USED=1`: the split reduction reads only the page partials a row's context reaches, and the
-    decode launch writes no others (opt-in until timed on a GPU)."""
-    mode = os.environ.get("TQ_VLLM_REDUCE_USED", "0")
+    """`TQ_VLLM_REDUCE_USED` (default 1): the split reduction reads only the page partials a row's context reaches, and
+    the decode launch writes no others. In CUDA graphs the split count comes from max_model_len, so at short contexts
+    most are empty: 4 x 1K at 32 splits 0.0214 -> 0.0202 ms (tq4), 0.0291 -> 0.0262 (tq3); TPOT 4 x 1K 5.47 -> 5.44
+    ms (tq4), 5.98 -> 5.85 (tq3); H200, 2026-11-28 fourth session, docs/benchmarks.md. 0: read every split."""
+    mode = os.environ.get("TQ_VLLM_REDUCE_USED", "1")
     if mode not in ("0", "1"):
         raise ValueError(f"TQ_VLLM_REDUCE_USED={mode!r}: choose 0 or 1")
     return mode == "1"

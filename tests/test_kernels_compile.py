@@ -1,0 +1,60 @@
+"""The Triton kernels compile for the GPU (sm_90, H100/H200) on this machine without one.
+
+The CPU tests run the kernels in Triton's interpreter, which executes the Python of a `@triton.jit` function as
+written and never lowers it: a branch the interpreter takes happily (say an early `return` under a constexpr `if`
+followed by code of another dtype) can still fail to compile for a GPU, and then only the lent GPU finds it
+(2026-11-28). `benchmarks/kernel_regs.py` compiles every launch with Triton's own compiler and the `ptxas` bundled
+with the triton wheel; here it runs for the launch shapes the kernels have (4-bit grid asm, two-warp 3-bit launch,
+QJL keys, the narrow launch, the split reduction's two product forms, small head_dim and large blocks), and each
+must compile and report its registers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _offline_compiler() -> bool:
+    try:
+        from triton.backends.nvidia import compiler as nv
+    except Exception:  # noqa: BLE001 - a triton without the CUDA backend
+        return False
+    return all(os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", t)) for t in ("ptxas", "cuobjdump"))
+
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _offline_compiler(), reason="triton without its CUDA backend / ptxas")]
+
+CASES = [
+    # (id, kernel_regs arguments, environment, kernels expected per preset)
+    ("all-kernels", ["--presets", "tq4,tq3,tq4-prod", "--block", "32"], {},
+     ["decode", "reduce", "prefill", "store", "dequant", "fill"]),
+    ("reduce-pm1", ["--presets", "tq4,tq3", "--block", "32", "--kernels", "decode"], {"TQ_VLLM_REDUCE_PM1": "1"},
+     ["decode", "reduce"]),
+    ("narrow", ["--presets", "tq4", "--block", "16", "--kernels", "decode"], {"TQ_VLLM_DECODE_NARROW": "1"},
+     ["decode", "reduce"]),
+    ("d64-b128", ["--presets", "tq3,tq25", "--block", "128", "--head-dim", "64", "--gqa", "8", "--kernels",
+                  "decode"], {}, ["decode", "reduce"]),
+]
+
+
+@pytest.mark.parametrize("args,env,kernels", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_kernels_compile_for_sm90(args, env, kernels, tmp_path):
+    run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("TQ_VLLM_")}
+    run_env.update(env, TRITON_CACHE_DIR=str(tmp_path / "triton"))  # a fresh cache: really compile
+    p = subprocess.run([sys.executable, "benchmarks/kernel_regs.py", *args], cwd=ROOT, env=run_env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {}
+    for line in p.stdout.splitlines():
+        f = line.split()
+        if len(f) == 7 and f[2].isdigit():
+            rows[(f[0], f[1])] = int(f[2])
+    presets = args[args.index("--presets") + 1].split(",")
+    want = {(p_, k) for p_ in presets for k in kernels}
+    assert want <= set(rows), (sorted(want - set(rows)), p.stdout[-2000:])
+    assert all(0 < rows[k] <= 255 for k in want), rows
