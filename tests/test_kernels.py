@@ -89,20 +89,23 @@ def _same_pages_op(record):
         staging0 = staging.clone()
         sink0 = None if sink is None else tuple(t.clone() for t in sink)
         out = _triton_op(codec, q, k, v, cache, staging, plan, scale, sink=sink)
-        qsl = plan.query_start_loc.cpu()
-        decode_only = bool(((qsl[1:] - qsl[:-1]) == 1).all())  # then the sink entries are written after attention
         record.append((out, ref.attention(codec, q, k, v, cache, staging0, plan, scale,
-                                          sink=sink0 if decode_only else sink)))
+                                          sink=sink0 if _decode_only(plan) else sink)))
         return out
     return op
+
+
+def _decode_only(plan) -> bool:
+    """Whether every row of the step decodes one token (then the kernels write the sink entries after the
+    attention: kernels.forward_step)."""
+    qsl = plan.query_start_loc.cpu()
+    return bool(((qsl[1:] - qsl[:-1]) == 1).all())
 
 
 def _ref_op(codec, q, k, v, cache, staging, plan, scale, sink=None):
     """The reference in the kernels' order of effects: in a step where every row decodes one token the sink table
     is written after the attention (kernels.forward_step)."""
-    qsl = plan.query_start_loc.cpu()
-    decode_only = bool(((qsl[1:] - qsl[:-1]) == 1).all())
-    return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=decode_only)
+    return ref.forward_step(codec, q, k, v, cache, staging, plan, scale, sink=sink, defer_sink=_decode_only(plan))
 
 
 def _run_schedule(preset, D, B, H, G, dtype, schedule, seed=0, num_blocks=64, device=DEV, lengths=None,
@@ -274,20 +277,24 @@ def test_grid_decode_path_matches_reference(preset, D, B, H, G, dtype, form, mon
     _run_schedule(preset, D, B, H, G, dtype, MIXED, seed=_seed("grid", preset, D, B, G))
 
 
-def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False, w2=False):
+def _split_attention_op(H, G, num_decode_rows, nsplit, narrow=False, w2=False, record=None):
     """A PagedSim step op: the reference store, then the Triton attention with `nsplit` decode splits (of the narrow
     launch with `narrow`, of the two-warp launch with `w2`, else of the 4-warp launch) into a NaN-poisoned output,
-    checked against the reference attention (which the step keeps)."""
+    checked against the reference attention (which the step keeps). `record` (a dict) gets the output, the reference
+    and the decode launch (`K.LAST_DECODE_LAUNCH`)."""
     def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
         meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=num_decode_rows), num_splits=nsplit,
                                    narrow_splits=nsplit if narrow else 0, w2_splits=nsplit if w2 else 0)
         ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
         out = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
+        K.LAST_DECODE_LAUNCH.clear()
         K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
                           sink=sink)
         exp = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
         assert not torch.isnan(out).any()
         assert _rel(out, exp) < 8e-3, nsplit
+        if record is not None:
+            record.update(out=out, exp=exp, launch=dict(K.LAST_DECODE_LAUNCH))
         return exp
     return op
 
@@ -309,19 +316,7 @@ def test_reduce_reads_only_used_splits(launch, monkeypatch):
 
     def run(nsplit):
         got = {}
-
-        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
-            meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=4), num_splits=nsplit,
-                                       narrow_splits=nsplit if launch == "narrow" else 0,
-                                       w2_splits=nsplit if launch == "w2" else 0)
-            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan, sink)
-            got["out"] = torch.full(q_.shape, float("nan"), dtype=q_.dtype, device=q_.device)
-            K.LAST_DECODE_LAUNCH.clear()
-            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=got["out"], meta=meta,
-                              force="triton", sink=sink)
-            got["launch"] = dict(K.LAST_DECODE_LAUNCH)
-            got["exp"] = ref.attention(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
-            return got["exp"]
+        op = _split_attention_op(H, G, 4, nsplit, narrow=launch == "narrow", w2=launch == "w2", record=got)
         copy.deepcopy(base).step(op, [(0, 1), (1, 1), (2, 1), (3, 1)], q, k, v, scale)
         return got
 

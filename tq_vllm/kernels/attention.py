@@ -343,13 +343,12 @@ def _tq_attn_kernel(
         ttag = tl.load(STAG + slot0 * H + h, mask=has0 & (tag != 0), other=0)  # tags [N, H] contiguous
         sink_v = has0 & (tag != 0) & (ttag == tag)
 
-    n_tiles = tl.cdiv(n_pages, TP) * SUBT
+    n_tiles, tps = _split_tiles(n_pages, NSPLIT, TP, SUBT)
     if FUSED:
         t_lo = 0
         t_hi = n_tiles
         e_lo = (p_min // B) * B
     else:
-        tps = tl.cdiv(n_tiles, NSPLIT)
         t_lo = s * tps
         t_hi = tl.where(s < NSPLIT, tl.minimum(t_lo + tps, n_tiles), t_lo)
         e_lo = tl.where(s == NSPLIT, (p_min // B) * B, p_max + 1)
@@ -678,12 +677,19 @@ def _tq_attn_kernel(
 
 
 @triton.jit
+def _split_tiles(n_pages, NSPLIT, TPG: tl.constexpr, SUBT: tl.constexpr):
+    """(page tiles of a row over n_pages pages, tiles per split): page split s of NSPLIT covers tiles
+    [s*tps, min((s+1)*tps, n_tiles)). TPG pages per tile, SUBT tiles per page group (`kernels._tile_cfg`). The decode
+    kernel and the split reduction (`_used_splits`) both read it, so they agree on which splits hold tiles."""
+    n_tiles = tl.cdiv(n_pages, TPG) * SUBT
+    return n_tiles, tl.maximum(tl.cdiv(n_tiles, NSPLIT), 1)
+
+
+@triton.jit
 def _used_splits(seq_len, NSPLIT, B: tl.constexpr, TPG: tl.constexpr, SUBT: tl.constexpr):
-    """Page splits (of NSPLIT) of a decode row of `seq_len` tokens that hold a tile: the decode kernel's split s covers
-    tiles [s*tps, min((s+1)*tps, n_tiles)), so s holds one iff s < cdiv(n_tiles, tps). TPG pages per tile, SUBT
-    tiles per page group (`kernels._tile_cfg`)."""
-    n_tiles = tl.cdiv((seq_len - 1) // B, TPG) * SUBT
-    tps = tl.maximum(tl.cdiv(n_tiles, NSPLIT), 1)
+    """Page splits (of NSPLIT) of a decode row of `seq_len` tokens that hold a tile: s holds one iff
+    s < cdiv(n_tiles, tps) (`_split_tiles`; a decode row's pages are those before its last token's block)."""
+    n_tiles, tps = _split_tiles((seq_len - 1) // B, NSPLIT, TPG, SUBT)
     return tl.cdiv(n_tiles, tps)
 
 
