@@ -445,12 +445,27 @@ def test_sym_codes_at_exact_boundaries():
     assert len(seen) >= 3
 
 
-def _run_count_asm(asm: str, u: float, bounds) -> int:
-    """A model of store._COUNT15_ASM's PTX (set.gt.f32.f32, add.f32, cvt.rzi.s32.f32 on float32), operands $1 = u,
-    $2.. = the boundaries, $0 = the result."""
+def _run_ptx(asm: str, operands: dict) -> dict:
+    """A model of the store's straight-line PTX blocks (store._COUNT15_ASM, store._sym_count_asm): registers hold
+    32-bit patterns; operands {"$1": float32, ...}; immediates 0fXXXXXXXX (float32 bits) or integers. Returns the
+    registers."""
     import numpy as np
-    f32 = np.float32
-    regs = {"$1": f32(u), **{f"${i + 2}": f32(b) for i, b in enumerate(bounds)}}
+
+    def bits(x):
+        return int(np.float32(x).view(np.uint32))
+
+    def f(b):
+        return np.uint32(b).view(np.float32)
+
+    regs = {k: bits(v) for k, v in operands.items()}
+
+    def val(x):
+        if x in regs:
+            return regs[x]
+        if x.startswith("0f"):
+            return int(x[2:], 16)
+        return int(x) & 0xFFFFFFFF
+
     body = asm.strip().lstrip("{").rstrip("}")
     for line in body.split(";"):
         line = line.strip()
@@ -458,21 +473,46 @@ def _run_count_asm(asm: str, u: float, bounds) -> int:
             continue
         op, rest = line.split(None, 1)
         d, *src = [x.strip() for x in rest.split(",")]
-        v = [regs[x] for x in src]
+        v = [val(x) for x in src]
         if op == "set.gt.f32.f32":
-            regs[d] = f32(1.0) if v[0] > v[1] else f32(0.0)
+            r = bits(1.0) if f(v[0]) > f(v[1]) else 0
         elif op == "add.f32":
-            regs[d] = f32(v[0] + v[1])
+            r = bits(f(v[0]) + f(v[1]))
+        elif op == "sub.f32":
+            r = bits(f(v[0]) - f(v[1]))
+        elif op == "fma.rn.f32":  # (the model's operands are small integers: exact either way)
+            r = bits(np.float32(np.float64(f(v[0])) * np.float64(f(v[1])) + np.float64(f(v[2]))))
         elif op == "cvt.rzi.s32.f32":
-            regs[d] = int(np.trunc(v[0]))
+            r = int(np.trunc(f(v[0]))) & 0xFFFFFFFF
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "shr.u32":
+            r = v[0] >> v[1]
+        elif op == "add.u32":
+            r = (v[0] + v[1]) & 0xFFFFFFFF
         else:
             raise AssertionError(f"unmodelled PTX op {op}")
-    return regs["$0"]
+        regs[d] = r
+    return regs
+
+
+def _run_count_asm(asm: str, u: float, bounds) -> int:
+    """The code computed by a store asm block: $0 = the result, $1 = u, $2.. = the boundaries."""
+    r = _run_ptx(asm, {"$1": u, **{f"${i + 2}": b for i, b in enumerate(bounds)}})["$0"]
+    return r - (1 << 32) if r >= 1 << 31 else r
+
+
+def _edge_values(b, g, n=64):
+    """Each boundary, one ulp either side, +-0 and n random values in [-1.2, 1.2)."""
+    bt = torch.tensor(b, dtype=torch.float32)
+    inf = torch.tensor(float("inf"))
+    return torch.cat([bt, torch.nextafter(bt, inf), torch.nextafter(bt, -inf), torch.tensor([0.0, -0.0]),
+                      torch.rand(n, generator=g) * 2.4 - 1.2]).tolist()
 
 
 def test_store_count15_asm_matches_boundary_count():
-    """The 4-bit store's asm count (GPU only; TQ_VLLM_STORE_CMP=2, the default there) through a model of its PTX:
-    #{boundaries < u} for every preset's 4-bit codebooks, at each boundary, one ulp either side, +-0 and random u."""
+    """The 4-bit store's asm count (GPU only; TQ_VLLM_STORE_CMP=2) through a model of its PTX: #{boundaries < u} for
+    every preset's 4-bit codebooks, at each boundary, one ulp either side, +-0 and random u."""
     import numpy as np
     from tq_vllm.kernels.store import _COUNT15_ASM
     assert _COUNT15_ASM.count("set.gt.f32.f32") == 15
@@ -481,17 +521,39 @@ def test_store_count15_asm_matches_boundary_count():
     tables = [b for b in tables if len(b) == 15]
     assert tables
     for b in tables:
-        bt = torch.tensor(b)
-        inf = torch.tensor(float("inf"))
-        us = torch.cat([bt, torch.nextafter(bt, inf), torch.nextafter(bt, -inf), torch.tensor([0.0, -0.0]),
-                        torch.rand(64, generator=g) * 2.4 - 1.2])
-        for u in us.tolist():
+        for u in _edge_values(b, g):
             want = int(np.searchsorted(np.asarray(b, np.float32), np.float32(u), side="left"))
             assert _run_count_asm(_COUNT15_ASM, u, b) == want, (u, want)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_store_sym_count_asm_matches_boundary_count(bits):
+    """The store's code from |u| as one asm block (store._sym_count_asm; TQ_VLLM_STORE_CMP=3, the default on the
+    GPU, at 4 bits) through the PTX model: #{boundaries < u} for every preset's symmetric codebooks of `bits` bits
+    (operands: the upper half of the boundaries), at each boundary, one ulp either side, +-0 and random u."""
+    import numpy as np
+    from tq_vllm.kernels.params import symmetric_codebook
+    from tq_vllm.kernels.store import _sym_count_asm
+    asm = _sym_count_asm(bits)
+    mid = (1 << bits) // 2 - 1
+    assert asm.count("set.gt.f32.f32") == mid + 1
+    g = torch.Generator().manual_seed(_seed(f"sym_asm{bits}"))
+    tables = set()
+    for n in PRESETS:
+        codec = LayerCodec(n, 64, 16)
+        for k in ("k", "v", "k_mean", "v_mean"):
+            b, c = codec.bounds[k].float(), codec.centroids[k].float()
+            if b.numel() == (1 << bits) - 1 and symmetric_codebook(b, c):
+                tables.add(tuple(b.tolist()))
+    assert tables
+    for b in tables:
+        for u in _edge_values(b, g):
+            want = int(np.searchsorted(np.asarray(b, np.float32), np.float32(u), side="left"))
+            assert _run_count_asm(asm, u, b[mid + 1:]) == want, (b, u, want)
+
+
 def test_store_cmp_mode_refused(monkeypatch):
-    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "3")
+    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "4")
     with pytest.raises(ValueError, match="TQ_VLLM_STORE_CMP"):
         _check_store_codec(LayerCodec("tq4", 64, 16, device=DEV))
 
@@ -615,6 +677,7 @@ def test_reduce_split_product_is_fp32_exact(monkeypatch):
     equals the fp32 product (TQ_VLLM_REDUCE_PM1=0) to fp32 rounding, seen through an fp32 output (a two-part split
     would be off by ~1e-5, one part by ~4e-3)."""
     D, B, H, G = 64, 16, 2, 4
+    monkeypatch.setenv("TQ_VLLM_FWHT", "0")  # (the products; with the transform both modes skip them)
     codec = LayerCodec("tq4", D, B, device=DEV)
     assert K.tables(codec, DEV).rot_for(torch.bfloat16)[1]  # Hadamard rotation: the ±1 path applies
     q, k, v = _seqs(3, 200, H, G, D, torch.bfloat16, seed=_seed("reduce-pm1"))
@@ -979,3 +1042,94 @@ def test_gpu_cuda_graph_store_beside_attention(overlap, monkeypatch):
     assert res["ref_pages"] >= 0.999, res
     assert res["staging_launches"] == (2 if overlap == "1" else 0), res  # eager + capture; folded: none
 
+
+
+def test_qrot_chunk_rule(monkeypatch):
+    """The decode's query rotation is one pass at head_dim 64 / 128 below QROT_ONEPASS_ROWS rows, DC otherwise;
+    TQ_VLLM_DECODE_QDC overrides and a chunk that does not divide head_dim is refused."""
+    monkeypatch.delenv("TQ_VLLM_DECODE_QDC", raising=False)
+    n = K.QROT_ONEPASS_ROWS
+    assert [K._qrot_chunk(D, 1) for D in (64, 96, 128, 256)] == [64, K.DC, 128, K.DC]
+    assert K._qrot_chunk(128, n - 1) == 128 and K._qrot_chunk(128, n) == K.DC
+    monkeypatch.setenv("TQ_VLLM_DECODE_QDC", "64")
+    assert K._qrot_chunk(128, 1) == 64 and K._qrot_chunk(128, n) == 64
+    monkeypatch.setenv("TQ_VLLM_DECODE_QDC", "64")
+    with pytest.raises(ValueError, match="TQ_VLLM_DECODE_QDC"):
+        K._qrot_chunk(96, 1)
+
+
+@pytest.mark.parametrize("M,N", [(4, 64), (4, 128), (16, 128), (8, 256), (2, 32)])
+def test_fwht_matches_hadamard_product(M, N):
+    """attention._fwht (the decode's and the split reduction's rotation for randomized-Hadamard Π) equals x @ H_N
+    (Sylvester) on fresh random rows, output poisoned."""
+    import importlib
+    import sys
+    from tq_vllm.quant.rotation import _sylvester
+    K._kmod("attention")
+    mod = importlib.reload(sys.modules["fwht_kernel"]) if "fwht_kernel" in sys.modules else \
+        importlib.import_module("fwht_kernel")
+    g = torch.Generator().manual_seed(_seed(f"fwht{M}x{N}"))
+    x = torch.randn(M, N, generator=g).to(DEV)
+    y = torch.full_like(x, float("nan"))
+    mod.fwht_kernel[(1,)](x, y, M=M, N=N, LOG=N.bit_length() - 1)
+    want = (x.double().cpu() @ _sylvester(N)).float()
+    assert torch.allclose(y.cpu(), want, atol=1e-4, rtol=1e-5), (y.cpu() - want).abs().max()
+
+
+def test_hadamard_tables_and_fwht_switch(monkeypatch):
+    """DeviceTables.had holds exactly for the "hadamard" rotation at power-of-two head sizes (not for "qr" or 96);
+    TQ_VLLM_FWHT=0 turns the transform off, other values are refused."""
+    from tq_vllm.kernels.params import tables
+    assert tables(LayerCodec("tq4", 128, 16), "cpu").had
+    assert not tables(LayerCodec("tq4", 96, 16), "cpu").had
+    tb = tables(LayerCodec("tq4", 128, 16), "cpu")
+    monkeypatch.setenv("TQ_VLLM_FWHT", "0")
+    assert K._fwht_args(tb, 128) == {"HAD": False, "LOGD": 0}
+    monkeypatch.setenv("TQ_VLLM_FWHT", "1")
+    assert K._fwht_args(tb, 128) == {"HAD": True, "LOGD": 7}
+    monkeypatch.setenv("TQ_VLLM_FWHT", "yes")
+    with pytest.raises(ValueError, match="TQ_VLLM_FWHT"):
+        K._fwht_args(tb, 128)
+
+
+@pytest.mark.parametrize("preset,D,G,launch", [("tq4", 64, 4, "4warp"), ("tq3", 128, 7, "w2"), ("tq25", 64, 1, "4warp"),
+                                              ("tq4", 128, 8, "narrow"), ("tq4-prod", 64, 4, "4warp"),
+                                              ("tq3", 64, 4, "w2-many")])
+def test_decode_fwht_equals_matrix_products(preset, D, G, launch, monkeypatch):
+    """The decode and its split reduction with the Walsh-Hadamard transform (TQ_VLLM_FWHT=1, the default for
+    randomized-Hadamard Π) give the outputs of the products with Π (=0) up to the query's fp16 rounding, for every key
+    lattice count (tq4: 2, tq3: 4, tq25: 4 with 2-bit planes), the 4-warp, two-warp and narrow launches, and the
+    two-warp launch from QROT_ONEPASS_ROWS rows (its query through the product, the reduction through the transform);
+    fp32 output poisoned."""
+    H, B = 2, 16
+    if launch == "w2-many":
+        monkeypatch.setattr(K, "QROT_ONEPASS_ROWS", 2)
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")  # (4-bit grid values in the interpreter: the narrow launch's)
+    codec = LayerCodec(preset, D, B, device=DEV)
+    assert K.tables(codec, DEV).had
+    q, k, v = _seqs(3, 200, H, G, D, torch.bfloat16, seed=_seed(f"fwht-{preset}-{D}-{launch}"))
+    sim = PagedSim(codec, H, num_blocks=64, num_slots=8, dtype=torch.bfloat16, device=DEV)
+    scale = D ** -0.5
+    sim.step(ref.forward_step, [(0, 150), (1, 70), (2, 99)], q, k, v, scale)
+    got = {}
+
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=3), num_splits=3,
+                                   w2_splits=3 if launch.startswith("w2") else 0,
+                                   narrow_splits=3 if launch == "narrow" else 0)
+        for f in ("1", "0"):
+            monkeypatch.setenv("TQ_VLLM_FWHT", f)
+            out = torch.full(q_.shape, float("nan"), dtype=torch.float32, device=q_.device)
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, meta=meta, force="triton",
+                              sink=sink)
+            got[f] = out
+            got["warps"] = K.LAST_DECODE_LAUNCH["num_warps"]
+        return ref.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+
+    sim.step(op, [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
+    assert got["warps"] == {"4warp": 4, "w2": 2, "w2-many": 2, "narrow": 1}[launch]
+    a, b = got["1"], got["0"]
+    assert not torch.isnan(a).any() and not torch.isnan(b).any()
+    # (the rotated query is rounded to fp16 for the tensor cores, so a value next to a rounding boundary can round
+    # the other way: on an H200 the narrow launch differed by 2.9e-5; a wrong sign or lattice differs by ~1)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()

@@ -53,11 +53,17 @@ STORE_RDC = 128
 # in place of 15) it spills under the 128-register cap and was 2.5 % slower (249.3 -> 255.7 us); H200, 2026-11-27,
 # store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
 STORE_SYM_MAX_BITS = 3
-# TQ_VLLM_STORE_CMP's default: 4-bit codes counted by one asm block (store._count15; the interpreter counts in
-# Triton): 16K-token chunk tq4 247.0 -> 199.8 us, tq35 233.8 -> 213.9, a decode step completing 64 blocks tq4 33.3 ->
-# 28.1 (H200, 2026-11-27, store_variants.jsonl "2026-11-27t")
-STORE_CMP = "2"
+# TQ_VLLM_STORE_CMP's default (the interpreter counts in Triton): 3 = the code of a symmetric 4-bit codebook from |u|
+# as one asm block (store._sym_count_asm: 7 comparisons, not 15; its centroid still a gather): 16K-token chunk tq4
+# 199.0 -> 188.7 us, tq35 213.9 -> 209.3, a decode step completing 64 blocks tq4 28.1 -> 26.5 (H200, 2026-11-29,
+# store_variants.jsonl "2026-11-29"); 2 = all 15 boundaries counted by one asm block (store._count15): tq4 247.0 ->
+# 199.8 us against the comparisons in Triton (1; H200, 2026-11-27, "2026-11-27t")
+STORE_CMP = "3"
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
+# decode rows below which the query rotation is one pass over head_dim (`_qrot_chunk`): 1 x 1K tq4 0.0164 -> 0.0148
+# ms, tq3 0.0204 -> 0.0183, 1 x 32K 0.0373 -> 0.0354; at 32 x 32K tq3 2 % slower, tq4 equal (H200, 2026-11-29,
+# decode_variants.jsonl "2026-11-29")
+QROT_ONEPASS_ROWS = 16
 # pages per dequantization program (TQ_VLLM_DEQUANT_PAGES; 0 = 128 token rows; their tokens share the rotation's
 # dots): 4 pages of 32 tokens with 8 warps took a 2K-token chunk over a 32K prefix from 2.72 to 2.52 ms (H200,
 # 2026-11-27, decode_variants.jsonl)
@@ -389,6 +395,32 @@ def commit_sink(sink, plan: StepPlan, key: torch.Tensor, force: str | None = Non
         H=H, D=D, DP=next_pow2(D), CH=16, num_warps=1))
 
 
+def _fwht_args(tb, D: int) -> dict:
+    """HAD / LOGD of the decode and its split reduction: a Walsh-Hadamard transform in place of the products with Π
+    where Π is a randomized Hadamard matrix (`DeviceTables.had`; tb None: off; TQ_VLLM_FWHT=0: the products).
+    H200, 2026-11-29 (decode_variants.jsonl "2026-11-29"), against the products: tq4 1 x 1K 0.0147 -> 0.0129 ms,
+    4 x 1K 0.0163 -> 0.0142, 64 x 8K 0.3270 -> 0.3198; tq3 1 x 1K, 8 x 8K 3 % faster, but the two-warp launch 2 %
+    slower at 32 x 32K (32 B spilled at its 168 registers), so that launch keeps the query's product from
+    QROT_ONEPASS_ROWS rows."""
+    on = os.environ.get("TQ_VLLM_FWHT", "1")
+    if on not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_FWHT={on!r}: choose 0 or 1")
+    had = tb is not None and tb.had and on == "1"
+    return dict(HAD=had, LOGD=D.bit_length() - 1 if had else 0)
+
+
+def _qrot_chunk(D: int, rows: int) -> int:
+    """Head-dim chunk of the decode's query rotation (TQ_VLLM_DECODE_QDC): below QROT_ONEPASS_ROWS decode rows the
+    whole head_dim where it is 64 or 128 (one pass: its loads of Π do not wait behind one dot each), else DC."""
+    env = os.environ.get("TQ_VLLM_DECODE_QDC")
+    if env:
+        c = int(env)
+        if c not in (32, 64, 128) or D % c:
+            raise ValueError(f"TQ_VLLM_DECODE_QDC={c}: choose 32, 64 or 128, dividing head_dim {D}")
+        return c
+    return D if D in (64, 128) and rows < QROT_ONEPASS_ROWS else DC
+
+
 def _store_cfg(kw: dict) -> dict:
     """The store's launch configuration. The 128-register cap (`_MAXNREG_DEFAULT`) holds for codes of at most 4 bits
     without QJL (measured: tq4, tq3); 8-bit codes and prod keys would spill 384 B / 4 KB under it (offline, sm_90) and
@@ -429,16 +461,16 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
     # codes of <= 4 bits by counting boundaries (1; 2: the 4-bit count as one asm block, GPU only), 0: binary search
     cmp_codes = int(os.environ.get("TQ_VLLM_STORE_CMP", STORE_CMP))
-    if cmp_codes not in (0, 1, 2):
-        raise ValueError(f"TQ_VLLM_STORE_CMP={cmp_codes}: choose 0, 1 or 2")
-    if cmp_codes == 2 and _interp():
+    if cmp_codes not in (0, 1, 2, 3):
+        raise ValueError(f"TQ_VLLM_STORE_CMP={cmp_codes}: choose 0, 1, 2 or 3")
+    if cmp_codes >= 2 and _interp():
         cmp_codes = 1  # (inline PTX does not run in the interpreter; the tests model the asm instead)
     par = os.environ.get("TQ_VLLM_STORE_PAR", "0") == "1" and NSUB > 1  # a block's sub-tiles in parallel programs
     rdc = min(DP, int(os.environ.get("TQ_VLLM_STORE_RDC", STORE_RDC)))  # head-dim chunk of the rotation product
     smode = os.environ.get("TQ_VLLM_STORE_SYM", "auto")  # codes from |u| (store._sym_codes): auto, 0 or 1
     if smode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_STORE_SYM={smode!r}: choose auto, 0 or 1")
-    smax = {"auto": STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
+    smax = {"auto": 4 if cmp_codes == 3 else STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
     sym = dict(KSY=tb.sym["k"] and kw["KBITS"] <= smax, VSY=tb.sym["v"] and kw["VBITS"] <= smax,
                KMSY=tb.sym["k_mean"] and kw["MBITS"] <= smax, VMSY=tb.sym["v_mean"] and kw["MBITS"] <= smax)
     mod = _kmod("store")
@@ -610,6 +642,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     nd = meta.num_decode_rows
     if nd > 0:
         S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
+        w2 = False
         kwd = kw
         if meta.narrow_splits and _narrow_ok(kw, D, B):
             S, tile = meta.narrow_splits, NARROW_TILE
@@ -618,6 +651,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         elif meta.w2_splits and _w2_ok(kw, D, B):
             S, tile = meta.w2_splits, W2_TILE
             cfg.update(W2_CFG)
+            w2 = True
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"],
@@ -625,6 +659,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         used = _reduce_used()
+        had = _fwht_args(tb, D)
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         if POISON_PARTIALS:
@@ -632,13 +667,17 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         _launch("decode", mod._tq_attn_kernel, (nd, 1, H * (S + 1)), (
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
-            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used, **cfg, **kwd),
+            DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
+            QDC=_qrot_chunk(D, nd), **(had if not w2 or nd < QROT_ONEPASS_ROWS else _fwht_args(None, D)),
+            **cfg, **kwd),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
         mode = os.environ.get("TQ_VLLM_REDUCE_PM1", "auto")
         if mode == "0" or (mode == "auto" and nd * H < REDUCE_PM1_PAIRS):
             rot, rpm1, rrsd = tb.rot, False, 1.0
+        if had["HAD"]:
+            rrsd = 1.0 / math.sqrt(D)  # (the transform's scale; only the signs of Π's row 0 are read)
         if stage:
             sargs, cargs, skw = _staging_args(staging, key, value, plan, commit_sink)
             stage_args, skw = (key, value, staging, plan.seq_lens, plan.open_slot, *sargs, *cargs), dict(
@@ -649,7 +688,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         _launch("reduce", mod._tq_reduce_kernel, (triton_cdiv(nd, rb), H), (
             po, pml, rot, plan.query_start_loc, out, 0, nd, out.stride(0), out.stride(1), S + 1, rrsd,
             *stage_args), dict(
-            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(),
+            H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(), **had,
+            SC=max(1, next_pow2(S + 1) * DC // DP),
             STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE")))
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn

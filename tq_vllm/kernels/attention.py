@@ -138,6 +138,40 @@ def _qrot(Q, qoff, mvalid, MAT, R: tl.constexpr, r: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _fwht(x, M: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
+    """x @ H_N for x [M, N] fp32 (H_N the unnormalised Sylvester Walsh-Hadamard matrix, N = 2^LOG): LOG butterfly
+    stages over pairs (j, j + 2^i), no matrix read (a randomized-Hadamard Π = H·diag(s)/√N needs only its signs)."""
+    for i in tl.static_range(LOG):
+        x4 = tl.permute(tl.reshape(x, [M, N // (2 << i), 2, 1 << i]), [0, 1, 3, 2])
+        a, b = tl.split(x4)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [M, N])
+    return x
+
+
+@triton.jit
+def _qrot_had(Q, qoff, mvalid, SGN, R: tl.constexpr, D: tl.constexpr, XP: tl.constexpr, M: tl.constexpr,
+              LOG: tl.constexpr):
+    """The R lattices of √D · q @ Π.T for a randomized-Hadamard Π (`_qrot` with its matrix, which this replaces):
+    (q ∘ s) @ H_D with the signs s = SGN[0:D] (row 0 of √D·Π). Returns 4 tensors [M, XP] (lattices 0..3; those
+    past R repeat lattice 0)."""
+    tl.static_assert(XP * R == D)
+    dq = tl.arange(0, D)
+    q = tl.load(Q + qoff[:, None] + dq[None, :], mask=mvalid[:, None], other=0.0).to(tl.float32)
+    y = _fwht(q * tl.load(SGN + dq).to(tl.float32)[None, :], M, D, LOG)
+    if R == 1:
+        return y, y, y, y
+    elif R == 2:
+        y0, y1 = tl.split(tl.reshape(y, [M, XP, 2]))
+        return y0, y1, y0, y0
+    else:
+        tl.static_assert(R == 4)
+        a, b = tl.split(tl.reshape(y, [M, XP, 2, 2]))  # coordinate 4t + 2·r1 + r0: a holds r0 = 0, b r0 = 1
+        y0, y2 = tl.split(a)
+        y1, y3 = tl.split(b)
+        return y0, y1, y2, y3
+
+
+@triton.jit
 def _max2(a, b, c, d):
     return tl.maximum(a, c), tl.maximum(b, d)
 
@@ -286,7 +320,8 @@ def _tq_attn_kernel(
     INTERP: tl.constexpr, PM1: tl.constexpr, SINK: tl.constexpr, SINKO: tl.constexpr, KMODE: tl.constexpr,
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
-    KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False,
+    KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False, QDC: tl.constexpr = 32,
+    HAD: tl.constexpr = False, LOGD: tl.constexpr = 0,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -358,14 +393,25 @@ def _tq_attn_kernel(
                 return
     if t_hi > t_lo:
         # ---- rotated, scaled query, lattice by lattice; per-column max for an fp16 operand ----
-        q_0 = _qrot(Q, qoff, mvalid, PIQ, RK, 0, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+        if HAD:
+            h_0, h_1, h_2, h_3 = _qrot_had(Q, qoff, mvalid, PIQ, RK, D, XK, M, LOGD)
+            q_0 = h_0 * (sm_log2 * rsd)
+        else:
+            q_0 = _qrot(Q, qoff, mvalid, PIQ, RK, 0, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
         qmax = tl.max(tl.abs(q_0), axis=1)
         if RK > 1:
-            q_1 = _qrot(Q, qoff, mvalid, PIQ, RK, 1, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+            if HAD:
+                q_1 = h_1 * (sm_log2 * rsd)
+            else:
+                q_1 = _qrot(Q, qoff, mvalid, PIQ, RK, 1, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
             qmax = tl.maximum(qmax, tl.max(tl.abs(q_1), axis=1))
         if RK > 2:
-            q_2 = _qrot(Q, qoff, mvalid, PIQ, RK, 2, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
-            q_3 = _qrot(Q, qoff, mvalid, PIQ, RK, 3, D, XK, M, DC, PM1, INTERP) * (sm_log2 * rsd)
+            if HAD:
+                q_2 = h_2 * (sm_log2 * rsd)
+                q_3 = h_3 * (sm_log2 * rsd)
+            else:
+                q_2 = _qrot(Q, qoff, mvalid, PIQ, RK, 2, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
+                q_3 = _qrot(Q, qoff, mvalid, PIQ, RK, 3, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
             qmax = tl.maximum(qmax, tl.maximum(tl.max(tl.abs(q_2), axis=1), tl.max(tl.abs(q_3), axis=1)))
         qsc = tl.where(qmax > 0, qmax, 1.0)
         qT0 = tl.trans((q_0 / qsc[:, None]).to(tl.float16))
@@ -701,7 +747,8 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
                       S1P: tl.constexpr, DC: tl.constexpr, RB: tl.constexpr = 1, PM1: tl.constexpr = False,
                       INTERP: tl.constexpr = False, STAGE: tl.constexpr = False, B: tl.constexpr = 16,
                       BP: tl.constexpr = 16, COMMIT: tl.constexpr = False, CH: tl.constexpr = 16,
-                      USED: tl.constexpr = False, TPG: tl.constexpr = 1, SUBT: tl.constexpr = 1):
+                      USED: tl.constexpr = False, TPG: tl.constexpr = 1, SUBT: tl.constexpr = 1,
+                      HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SC: tl.constexpr = 1):
     """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
     0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
     already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once).
@@ -711,7 +758,9 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     (`store._stage_row`) and, COMMIT, the pending sink entries p, p + P, ... (`store._sink_commit`): one launch
     fewer per layer, in the same order of effects (after the attention).
     USED: only the page partials a row's context reaches are read (`_used_splits`; the decode launch with USED
-    writes no others). In CUDA graphs the split count comes from max_model_len, so most are empty at short contexts."""
+    writes no others). In CUDA graphs the split count comes from max_model_len, so most are empty at short contexts.
+    HAD (Π = H·diag(s)/√D, `DeviceTables.had`): the page partials are summed SC splits at a time over the whole head
+    dim, then rotated back by a Walsh-Hadamard transform and the signs of PI's row 0 (times rsd = 1/√D): no product."""
     h = tl.program_id(1)
     if STAGE:
         if COMMIT:
@@ -752,21 +801,37 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     out = tl.load(PO + ((pbase + NS1 - 1) * GP + gg)[:, None] * D + dd[None, :], mask=ok[:, None] & dm[None, :],
                   other=0.0)
     out = out * w_x[:, None]
-    wr = tl.where((sidx < NS1 - 1)[:, None], w, 0.0)
-    for c in tl.static_range(0, D, DC):
-        dc = c + tl.arange(0, DC)
-        po = PO + ((pbase[None, :, None] + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
-        o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & m2)[:, :, None], other=0.0)
-                   * wr[:, :, None], axis=0)  # [RG, DC]
-        pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
-        if PM1:
-            o1 = o.to(tl.bfloat16)
-            r1 = o - o1.to(tl.float32)
-            o2 = r1.to(tl.bfloat16)
-            o3 = (r1 - o2.to(tl.float32)).to(tl.bfloat16)
-            out += (_mdot(o1, pr, INTERP) + _mdot(o2, pr, INTERP) + _mdot(o3, pr, INTERP)) * rsd
-        else:
-            out += tl.dot(o, pr, input_precision="ieee")
+    if HAD:
+        # Π = H·diag(s)/√D: the weighted page sum, split chunk by split chunk ([SC, RG, D] tiles), then one
+        # Walsh-Hadamard transform and the signs (row 0 of PI) in place of a product with Π
+        o = tl.zeros([RB * GP, DP], dtype=tl.float32)
+        for c in tl.static_range(0, S1P, SC):
+            sc = c + tl.arange(0, SC)
+            mc = (sc < NS1 - 1)[:, None] & ok[None, :]
+            if USED:
+                mc = mc & (sc[:, None] < n_used[None, :])
+            mlc = PML + (pbase[None, :] + sc[:, None]) * (2 * GP) + gg[None, :]
+            wc = tl.where(mc, tl.exp2(tl.load(mlc, mask=mc, other=float("-inf")) - m[None, :]), 0.0)  # [SC, RG]
+            po = PO + ((pbase[None, :, None] + sc[:, None, None]) * GP + gg[None, :, None]) * D + dd[None, None, :]
+            o += tl.sum(tl.load(po, mask=mc[:, :, None], other=0.0) * wc[:, :, None], axis=0)
+        sg = tl.where(tl.load(PI + dd).to(tl.float32) > 0, rsd, -rsd)  # (bf16 `> 0`: wrong in the interpreter)
+        out += _fwht(o, RB * GP, DP, LOGD) * sg[None, :]
+    if not HAD:
+        wr = tl.where((sidx < NS1 - 1)[:, None], w, 0.0)
+        for c in tl.static_range(0, D, DC):
+            dc = c + tl.arange(0, DC)
+            po = PO + ((pbase[None, :, None] + sidx[:, None, None]) * GP + gg[None, :, None]) * D + dc[None, None, :]
+            o = tl.sum(tl.load(po, mask=((sidx < NS1 - 1)[:, None] & m2)[:, :, None], other=0.0)
+                       * wr[:, :, None], axis=0)  # [RG, DC]
+            pr = tl.load(PI + dc[:, None] * D + dd[None, :], mask=dm[None, :], other=0.0)  # [DC, DP]
+            if PM1:
+                o1 = o.to(tl.bfloat16)
+                r1 = o - o1.to(tl.float32)
+                o2 = r1.to(tl.bfloat16)
+                o3 = (r1 - o2.to(tl.float32)).to(tl.bfloat16)
+                out += (_mdot(o1, pr, INTERP) + _mdot(o2, pr, INTERP) + _mdot(o3, pr, INTERP)) * rsd
+            else:
+                out += tl.dot(o, pr, input_precision="ieee")
     out = out / lt[:, None]
     optr = OUT + qs.to(tl.int64)[:, None] * s_ot + (h * G + gg)[:, None] * s_oh + dd[None, :]
     tl.store(optr, out.to(OUT.dtype.element_ty), mask=(ok & (gg < G))[:, None] & dm[None, :])

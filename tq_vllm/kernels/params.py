@@ -115,6 +115,13 @@ class DeviceTables:
         pm = codec.rot.double() * math.sqrt(D)
         self.pm1 = bool(torch.all((pm.abs() - 1).abs() < 1e-6))
         self.rsd = 1.0 / math.sqrt(D) if self.pm1 else 1.0
+        # Π = H_D·diag(s)/√D exactly (the "hadamard" rotation): the decode and its split reduction rotate with a
+        # Walsh-Hadamard transform and the signs s (row 0 of √D·Π) instead of a product with the matrix
+        self.had = False
+        if self.pm1 and D & (D - 1) == 0:
+            from tq_vllm.quant.rotation import _sylvester
+            pr = pm.round()
+            self.had = bool(torch.equal(pr, _sylvester(D).to(pr.device) * pr[0][None, :]))
         self.rot16 = {}
         if self.pm1:
             for dt in (torch.bfloat16, torch.float16):

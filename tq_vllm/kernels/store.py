@@ -10,6 +10,8 @@ Entries of `qb_row` < 0 are skipped, so a caller may pad the list to a fixed len
 """
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 
@@ -101,6 +103,40 @@ def _count15(u, BND):
         dtype=tl.int32, is_pure=True, pack=1)
 
 
+def _f32_hex(x: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _sym_count_asm(bits: int) -> str:
+    """PTX of the code of u for a codebook of `bits` bits antisymmetric about a zero middle boundary (as
+    `_sym_codes`): operands $0 = the code, $1 = u, $2.. = the MID = 2^(bits-1) - 1 upper boundaries. n = #{upper
+    boundaries < a} with a = |u| one ulp up for negative u, counted like `_COUNT15_ASM` (FSET, exact fp32 sums); the
+    code is MID + 1 + n for u > 0 and MID - n otherwise, = MID - n + [u > 0] * (2n + 1), exact in fp32."""
+    mid = (1 << bits) // 2 - 1
+    lines = [f".reg .f32 m<{max(mid, 2)}>;", ".reg .b32 a, s;",
+             "and.b32 a, $1, 2147483647;", "shr.u32 s, $1, 31;", "add.u32 a, a, s;"]
+    lines += [f"set.gt.f32.f32 m{k}, a, ${k + 2};" for k in range(mid)]
+    lines += [f"add.f32 m0, m0, m{k};" for k in range(1, mid)]
+    lines += ["set.gt.f32.f32 m1, $1, 0f00000000;",  # [u > 0]
+              "fma.rn.f32 a, m0, 0f40000000, 0f3F800000;",  # 2n + 1
+              f"sub.f32 s, {_f32_hex(mid)}, m0;",  # MID - n
+              "fma.rn.f32 a, m1, a, s;", "cvt.rzi.s32.f32 $0, a;"]
+    return "{ " + "\n".join(lines) + " }"
+
+
+SYM_ASM4: tl.constexpr = tl.constexpr(_sym_count_asm(4))
+
+
+@triton.jit
+def _sym_codes_asm4(u, BND):
+    """Codes of u [T, DP] for a symmetric 4-bit codebook, from |u| as one asm block per element (`_sym_count_asm`;
+    GPU only: inline PTX)."""
+    return tl.inline_asm_elementwise(
+        SYM_ASM4, "=r" + ",r" * 8,
+        [u, tl.load(BND + 8), tl.load(BND + 9), tl.load(BND + 10), tl.load(BND + 11), tl.load(BND + 12),
+         tl.load(BND + 13), tl.load(BND + 14)], dtype=tl.int32, is_pure=True, pack=1)
+
+
 @triton.jit
 def _sym_codes(u, dmask, BND, CEN, BITS: tl.constexpr):
     """Codes (#{boundaries < u}) and centroids of u [T, DP] for a codebook antisymmetric about a zero middle boundary
@@ -132,10 +168,13 @@ def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.
     u = y / tl.where(pos, nrm, 1.0)[:, None]
     u = tl.where(pos[:, None], u, 0.0)
     code = tl.zeros(y.shape, dtype=tl.int32)
-    if SYM:
+    if SYM and CMP == 3 and BITS == 4:
+        code = _sym_codes_asm4(u, BND)
+        c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
+    elif SYM:
         code, c = _sym_codes(u, dmask, BND, CEN, BITS)
     else:
-        if CMP == 2 and BITS == 4:
+        if CMP >= 2 and BITS == 4:
             code = _count15(u, BND)
         elif CMP and BITS <= 4:
             # count the boundaries below u: scalar thresholds, no dependent gathers (the same codes as the search)
