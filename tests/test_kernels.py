@@ -1133,3 +1133,36 @@ def test_decode_fwht_equals_matrix_products(preset, D, G, launch, monkeypatch):
     # (the rotated query is rounded to fp16 for the tensor cores, so a value next to a rounding boundary can round
     # the other way: on an H200 the narrow launch differed by 2.9e-5; a wrong sign or lattice differs by ~1)
     assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("preset,w2", [("tq4", False), ("tq3", True)])
+def test_decode_constexprs_do_not_depend_on_rows_with_the_transform(preset, w2, monkeypatch):
+    """With the transform the query chunk (QDC) is a constant, so the decode compiles once for every batch size (CUDA
+    graphs capture many); the two-warp launch differs only in HAD / LOGD from QROT_ONEPASS_ROWS rows (its query
+    through the product there)."""
+    H, G, D, B, R = 2, 4, 64, 16, K.QROT_ONEPASS_ROWS + 4
+    codec = LayerCodec(preset, D, B, device=DEV)
+    q, k, v = _seqs(R, 60, H, G, D, torch.bfloat16, seed=_seed("constexprs", preset))
+    sim = PagedSim(codec, H, num_blocks=4 * R + 8, num_slots=R + 2, dtype=torch.bfloat16, device=DEV)
+    sim.step(ref.forward_step, [(i, 40) for i in range(R)], q, k, v, D ** -0.5)
+    seen = []
+
+    def record(name, kernel, grid, args, kwargs, fallbacks=()):
+        if name == "decode":
+            seen.append(dict(kwargs))
+
+    def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+        nd = plan.seq_lens.numel()
+        meta = dataclasses.replace(K.prepare(plan, H, H * G, num_decode_rows=nd), num_splits=3,
+                                   w2_splits=3 if w2 else 0, narrow_splits=0)
+        with monkeypatch.context() as m:
+            m.setattr(K, "_launch", record)
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, meta=meta, force="triton", sink=sink)
+        return ref.forward_step(codec_, q_, k_, v_, cache, staging, plan, sc, sink=sink)
+
+    sim.step(op, [(0, 1), (1, 1)], q, k, v, D ** -0.5)
+    sim.step(op, [(i, 1) for i in range(R)], q, k, v, D ** -0.5)
+    few, many = seen
+    assert few["HAD"] and few["QDC"] == K.DC
+    diff = {key for key in few if few[key] != many.get(key)}
+    assert diff == ({"HAD", "LOGD"} if w2 else set()), diff

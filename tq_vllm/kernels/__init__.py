@@ -660,6 +660,10 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         used = _reduce_used()
         had = _fwht_args(tb, D)
+        # the query's rotation: the transform, except in the two-warp launch from QROT_ONEPASS_ROWS rows (_fwht_args);
+        # QDC only where the product remains (a constant otherwise: one compiled variant for every batch size)
+        qrot = had if not w2 or nd < QROT_ONEPASS_ROWS else _fwht_args(None, D)
+        qrot = dict(qrot, QDC=DC if qrot["HAD"] else _qrot_chunk(D, nd))
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         if POISON_PARTIALS:
@@ -668,8 +672,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
-            QDC=_qrot_chunk(D, nd), **(had if not w2 or nd < QROT_ONEPASS_ROWS else _fwht_args(None, D)),
-            **cfg, **kwd),
+            **qrot, **cfg, **kwd),
             fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
