@@ -1,9 +1,9 @@
-"""A test kernel around attention._fwht (a module of its own so the tests can re-import it in the interpreter's mode,
+"""A test kernel around hadamard._fwht (a module of its own so the tests can re-import it in the interpreter's mode,
 as tq_vllm.kernels._kmod does for the package's kernels)."""
 import triton
 import triton.language as tl
 
-from tq_vllm.kernels.attention import _fwht
+from tq_vllm.kernels.hadamard import _fwht
 
 
 @triton.jit

@@ -1060,12 +1060,12 @@ def test_qrot_chunk_rule(monkeypatch):
 
 @pytest.mark.parametrize("M,N", [(4, 64), (4, 128), (16, 128), (8, 256), (2, 32)])
 def test_fwht_matches_hadamard_product(M, N):
-    """attention._fwht (the decode's and the split reduction's rotation for randomized-Hadamard Π) equals x @ H_N
+    """hadamard._fwht (the rotation of the decode and its split reduction for randomized-Hadamard Π) equals x @ H_N
     (Sylvester) on fresh random rows, output poisoned."""
     import importlib
     import sys
     from tq_vllm.quant.rotation import _sylvester
-    K._kmod("attention")
+    K._kmod("hadamard")
     mod = importlib.reload(sys.modules["fwht_kernel"]) if "fwht_kernel" in sys.modules else \
         importlib.import_module("fwht_kernel")
     g = torch.Generator().manual_seed(_seed(f"fwht{M}x{N}"))
@@ -1094,12 +1094,12 @@ def test_hadamard_tables_and_fwht_switch(monkeypatch):
 
 @pytest.mark.parametrize("preset,D,G,launch", [("tq4", 64, 4, "4warp"), ("tq3", 128, 7, "w2"), ("tq25", 64, 1, "4warp"),
                                               ("tq4", 128, 8, "narrow"), ("tq4-prod", 64, 4, "4warp"),
-                                              ("tq3", 64, 4, "w2-many")])
+                                              ("tq3", 64, 4, "w2-many"), ("tq4", 256, 2, "4warp")])
 def test_decode_fwht_equals_matrix_products(preset, D, G, launch, monkeypatch):
     """The decode and its split reduction with the Walsh-Hadamard transform (TQ_VLLM_FWHT=1, the default for
     randomized-Hadamard Π) give the outputs of the products with Π (=0) up to the query's fp16 rounding, for every key
-    lattice count (tq4: 2, tq3: 4, tq25: 4 with 2-bit planes), the 4-warp, two-warp and narrow launches, and the
-    two-warp launch from QROT_ONEPASS_ROWS rows (its query through the product, the reduction through the transform);
+    lattice count (tq4: 2, tq3: 4, tq25: 4 with 2-bit planes), head_dim 64 / 128 / 256, the 4-warp, two-warp and
+    narrow launches, and the two-warp launch from QROT_ONEPASS_ROWS rows (its query through the product, the reduction through the transform);
     fp32 output poisoned."""
     H, B = 2, 16
     if launch == "w2-many":

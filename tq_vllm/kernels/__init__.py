@@ -210,7 +210,7 @@ def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_KDEPS = {"attention": ("store",), "dequant": ("store", "attention")}  # kernel modules that import @jit helpers
+_KDEPS = {"attention": ("hadamard", "store"), "dequant": ("hadamard", "store", "attention")}  # @jit helper imports
 _KGEN: dict = {}  # name -> how many times it was (re)imported
 
 

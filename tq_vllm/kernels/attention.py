@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .lut import GRID_OFFSET
+from .hadamard import _fwht
 from .store import _sink_commit, _stage_row
 
 LOG2E = 1.4426950408889634
@@ -135,17 +136,6 @@ def _qrot(Q, qoff, mvalid, MAT, R: tl.constexpr, r: tl.constexpr, D: tl.constexp
         else:
             acc += tl.dot(q.to(tl.float32), mt, input_precision="ieee")
     return acc
-
-
-@triton.jit
-def _fwht(x, M: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr):
-    """x @ H_N for x [M, N] fp32 (H_N the unnormalised Sylvester Walsh-Hadamard matrix, N = 2^LOG): LOG butterfly
-    stages over pairs (j, j + 2^i), no matrix read (a randomized-Hadamard Π = H·diag(s)/√N needs only its signs)."""
-    for i in tl.static_range(LOG):
-        x4 = tl.permute(tl.reshape(x, [M, N // (2 << i), 2, 1 << i]), [0, 1, 3, 2])
-        a, b = tl.split(x4)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [M, N])
-    return x
 
 
 @triton.jit
@@ -759,8 +749,8 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     fewer per layer, in the same order of effects (after the attention).
     USED: only the page partials a row's context reaches are read (`_used_splits`; the decode launch with USED
     writes no others). In CUDA graphs the split count comes from max_model_len, so most are empty at short contexts.
-    HAD (Π = H·diag(s)/√D, `DeviceTables.had`): the page partials are summed SC splits at a time over the whole head
-    dim, then rotated back by a Walsh-Hadamard transform and the signs of PI's row 0 (times rsd = 1/√D): no product."""
+    HAD (Π = H·diag(s)/√D, `DeviceTables.had`): the page partials are summed SC splits at a time over the whole
+    head dim, then rotated back by a Walsh-Hadamard transform and the signs of PI's row 0 (times rsd = 1/√D)."""
     h = tl.program_id(1)
     if STAGE:
         if COMMIT:
