@@ -1139,7 +1139,7 @@ def test_decode_fwht_equals_matrix_products(preset, D, G, launch, monkeypatch):
 def test_decode_constexprs_do_not_depend_on_rows_with_the_transform(preset, w2, monkeypatch):
     """With the transform the query chunk (QDC) is a constant, so the decode compiles once for every batch size (CUDA
     graphs capture many); the two-warp launch differs only in HAD / LOGD from QROT_ONEPASS_ROWS rows (its query
-    through the product there)."""
+    through the product there). Both launches fall back to the products if the transform does not compile."""
     H, G, D, B, R = 2, 4, 64, 16, K.QROT_ONEPASS_ROWS + 4
     codec = LayerCodec(preset, D, B, device=DEV)
     q, k, v = _seqs(R, 60, H, G, D, torch.bfloat16, seed=_seed("constexprs", preset))
@@ -1147,9 +1147,12 @@ def test_decode_constexprs_do_not_depend_on_rows_with_the_transform(preset, w2, 
     sim.step(ref.forward_step, [(i, 40) for i in range(R)], q, k, v, D ** -0.5)
     seen = []
 
+    falls = {}
+
     def record(name, kernel, grid, args, kwargs, fallbacks=()):
         if name == "decode":
             seen.append(dict(kwargs))
+        falls.setdefault(name, []).append(fallbacks)
 
     def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
         nd = plan.seq_lens.numel()
@@ -1164,5 +1167,8 @@ def test_decode_constexprs_do_not_depend_on_rows_with_the_transform(preset, w2, 
     sim.step(op, [(i, 1) for i in range(R)], q, k, v, D ** -0.5)
     few, many = seen
     assert few["HAD"] and few["QDC"] == K.DC
+    # a Triton that cannot compile the transform falls back to the products (first, in both launches)
+    assert falls["decode"][0][0] == {"HAD": False, "LOGD": 0, "QDC": K._qrot_chunk(D, 2)}
+    assert falls["reduce"][0] == ({"HAD": False, "LOGD": 0},)
     diff = {key for key in few if few[key] != many.get(key)}
     assert diff == ({"HAD", "LOGD"} if w2 else set()), diff

@@ -664,6 +664,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         # QDC only where the product remains (a constant otherwise: one compiled variant for every batch size)
         qrot = had if not w2 or nd < QROT_ONEPASS_ROWS else _fwht_args(None, D)
         qrot = dict(qrot, QDC=DC if qrot["HAD"] else _qrot_chunk(D, nd))
+        # a Triton that cannot lower the transform's reshapes gets the products (the partials are the same either way)
+        no_fwht = ({"HAD": False, "LOGD": 0, "QDC": _qrot_chunk(D, nd)},) if qrot["HAD"] else ()
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         if POISON_PARTIALS:
@@ -673,7 +675,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
             **qrot, **cfg, **kwd),
-            fallbacks=({"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0}, {"num_warps": 8, "num_stages": 1}))
+            fallbacks=(*no_fwht, {"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0},
+                       {"num_warps": 8, "num_stages": 1}))
         rb = next_pow2(max(1, min(int(os.environ.get("TQ_VLLM_REDUCE_ROWS", REDUCE_ROWS)), nd)))
         rot, rpm1, rrsd = tb.rot_for(torch.bfloat16)
         mode = os.environ.get("TQ_VLLM_REDUCE_PM1", "auto")
@@ -693,7 +696,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *stage_args), dict(
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(), **had,
             SC=max(1, next_pow2(S + 1) * DC // DP),
-            STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE")))
+            STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE")),
+            fallbacks=({"HAD": False, "LOGD": 0},) if had["HAD"] else ())
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
         try:
