@@ -1099,8 +1099,8 @@ def test_decode_fwht_equals_matrix_products(preset, D, G, launch, monkeypatch):
     """The decode and its split reduction with the Walsh-Hadamard transform (TQ_VLLM_FWHT=1, the default for
     randomized-Hadamard Π) give the outputs of the products with Π (=0) up to the query's fp16 rounding, for every key
     lattice count (tq4: 2, tq3: 4, tq25: 4 with 2-bit planes), head_dim 64 / 128 / 256, the 4-warp, two-warp and
-    narrow launches, and the two-warp launch from QROT_ONEPASS_ROWS rows (its query through the product, the reduction through the transform);
-    fp32 output poisoned."""
+    narrow launches, and the two-warp launch from QROT_ONEPASS_ROWS rows (its query through the product, the
+    reduction through the transform); fp32 output poisoned."""
     H, B = 2, 16
     if launch == "w2-many":
         monkeypatch.setattr(K, "QROT_ONEPASS_ROWS", 2)
