@@ -51,7 +51,8 @@ STORE_RDC = 128
 # antisymmetric, as every preset's is): 3 comparisons and selects in place of 7 comparisons and a gather took the
 # tq3 16K-token chunk from 227.7 to 184.4 us and a decode step completing 64 blocks from 30.3 to 26.1; at 4 bits (7
 # in place of 15) it spills under the 128-register cap and was 2.5 % slower (249.3 -> 255.7 us); H200, 2026-11-27,
-# store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits.
+# store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits; with
+# TQ_VLLM_STORE_CMP=3 (the default) auto covers 4 bits too, coded in asm (store._sym_count_asm), not by these selects.
 STORE_SYM_MAX_BITS = 3
 # TQ_VLLM_STORE_CMP's default (the interpreter counts in Triton): 3 = the code of a symmetric 4-bit codebook from |u|
 # as one asm block (store._sym_count_asm: 7 comparisons, not 15; its centroid still a gather): 16K-token chunk tq4
@@ -397,7 +398,7 @@ def commit_sink(sink, plan: StepPlan, key: torch.Tensor, force: str | None = Non
 
 def _fwht_args(tb, D: int) -> dict:
     """HAD / LOGD of the decode and its split reduction: a Walsh-Hadamard transform in place of the products with Π
-    where Π is a randomized Hadamard matrix (`DeviceTables.had`; tb None: off; TQ_VLLM_FWHT=0: the products).
+    where Π is a randomized Hadamard matrix (`DeviceTables.had`; TQ_VLLM_FWHT=0: the products).
     H200, 2026-11-29 (decode_variants.jsonl "2026-11-29"), against the products: tq4 1 x 1K 0.0147 -> 0.0129 ms,
     4 x 1K 0.0163 -> 0.0142, 64 x 8K 0.3270 -> 0.3198; tq3 1 x 1K, 8 x 8K 3 % faster, but the two-warp launch 2 %
     slower at 32 x 32K (32 B spilled at its 168 registers), so that launch keeps the query's product from
@@ -405,7 +406,7 @@ def _fwht_args(tb, D: int) -> dict:
     on = os.environ.get("TQ_VLLM_FWHT", "1")
     if on not in ("0", "1"):
         raise ValueError(f"TQ_VLLM_FWHT={on!r}: choose 0 or 1")
-    had = tb is not None and tb.had and on == "1"
+    had = tb.had and on == "1"
     return dict(HAD=had, LOGD=D.bit_length() - 1 if had else 0)
 
 
@@ -660,12 +661,12 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         used = _reduce_used()
         had = _fwht_args(tb, D)
-        # the query's rotation: the transform, except in the two-warp launch from QROT_ONEPASS_ROWS rows (_fwht_args);
-        # QDC only where the product remains (a constant otherwise: one compiled variant for every batch size)
-        qrot = had if not w2 or nd < QROT_ONEPASS_ROWS else _fwht_args(None, D)
-        qrot = dict(qrot, QDC=DC if qrot["HAD"] else _qrot_chunk(D, nd))
-        # a Triton that cannot lower the transform's reshapes gets the products (the partials are the same either way)
-        no_fwht = ({"HAD": False, "LOGD": 0, "QDC": _qrot_chunk(D, nd)},) if qrot["HAD"] else ()
+        # the query's rotation: the transform, except in the two-warp launch from QROT_ONEPASS_ROWS rows (_fwht_args),
+        # with a constant QDC (one compiled variant for every batch size); else the product. A Triton that cannot
+        # lower the transform's reshapes falls back to the product (the partials are the same either way)
+        product = dict(HAD=False, LOGD=0, QDC=_qrot_chunk(D, nd))
+        qrot = dict(had, QDC=DC) if had["HAD"] and (not w2 or nd < QROT_ONEPASS_ROWS) else product
+        no_fwht = (product,) if qrot["HAD"] else ()
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         if POISON_PARTIALS:

@@ -806,7 +806,7 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
             o += tl.sum(tl.load(po, mask=mc[:, :, None], other=0.0) * wc[:, :, None], axis=0)
         sg = tl.where(tl.load(PI + dd).to(tl.float32) > 0, rsd, -rsd)  # (bf16 `> 0`: wrong in the interpreter)
         out += _fwht(o, RB * GP, DP, LOGD) * sg[None, :]
-    if not HAD:
+    else:
         wr = tl.where((sidx < NS1 - 1)[:, None], w, 0.0)
         for c in tl.static_range(0, D, DC):
             dc = c + tl.arange(0, DC)
