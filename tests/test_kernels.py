@@ -464,7 +464,7 @@ def _run_ptx(asm: str, operands: dict) -> dict:
             return regs[x]
         if x.startswith("0f"):
             return int(x[2:], 16)
-        return int(x) & 0xFFFFFFFF
+        return int(x, 0) & 0xFFFFFFFF
 
     body = asm.strip().lstrip("{").rstrip("}")
     for line in body.split(";"):
@@ -490,6 +490,25 @@ def _run_ptx(asm: str, operands: dict) -> dict:
             r = v[0] >> v[1]
         elif op == "add.u32":
             r = (v[0] + v[1]) & 0xFFFFFFFF
+        elif op == "mov.b32":
+            r = v[0]
+        elif op == "mul.lo.u32":
+            r = (v[0] * v[1]) & 0xFFFFFFFF
+        elif op == "cvt.rzi.u32.f32":
+            r = int(np.trunc(f(v[0]))) & 0xFFFFFFFF
+        elif op == "set.le.u32.f32":
+            r = 0xFFFFFFFF if f(v[0]) <= f(v[1]) else 0
+        elif op == "xor.b32":
+            r = v[0] ^ v[1]
+        elif op == "prmt.b32":  # default mode: output byte i = byte (selector nibble i & 7) of {b, a}; bit 3 of
+            pool = v[0] | (v[1] << 32)  # the nibble replicates that byte's sign bit
+            r = 0
+            for i in range(4):
+                nib = (v[2] >> (4 * i)) & 15
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
         else:
             raise AssertionError(f"unmodelled PTX op {op}")
         regs[d] = r
@@ -550,6 +569,44 @@ def test_store_sym_count_asm_matches_boundary_count(bits):
         for u in _edge_values(b, g):
             want = int(np.searchsorted(np.asarray(b, np.float32), np.float32(u), side="left"))
             assert _run_count_asm(asm, u, b[mid + 1:]) == want, (b, u, want)
+
+
+def test_store_sym_cen_asm_matches_codebook():
+    """TQ_VLLM_STORE_CEN=1: the code and the centroid of a symmetric 4-bit codebook from one asm block
+    (store.sym_cen_asm4: the centroid's bytes by byte permutes, no gather) through the PTX model, for every preset's
+    symmetric 4-bit codebooks: the code is #{boundaries < u} and the centroid bit-exactly c[code], at each boundary, one
+    ulp either side, +-0 and random u."""
+    import numpy as np
+    from tq_vllm.kernels.params import symmetric_codebook
+    from tq_vllm.kernels.store import sym_cen_asm4
+    g = torch.Generator().manual_seed(_seed("sym_cen_asm"))
+    books = {}
+    for n in PRESETS:
+        codec = LayerCodec(n, 128, 32)
+        for k in ("k", "v", "k_mean", "v_mean"):
+            b, c = codec.bounds[k].float(), codec.centroids[k].float()
+            if b.numel() == 15 and symmetric_codebook(b, c):
+                books[tuple(b.tolist())] = c
+    assert books
+    for b, c in books.items():
+        asm = sym_cen_asm4(c[8:].tolist())
+        cb = c.numpy().view(np.uint32)
+        for u in _edge_values(b, g):
+            want = int(np.searchsorted(np.asarray(b, np.float32), np.float32(u), side="left"))
+            regs = _run_ptx(asm, {"$2": u, **{f"${i + 3}": x for i, x in enumerate(b[8:])}})
+            code = regs["$0"] - (1 << 32) if regs["$0"] >= 1 << 31 else regs["$0"]
+            assert code == want and regs["$1"] == int(cb[want]), (b, u, want, regs["$1"], int(cb[want]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,D,B", [("tq4", 128, 32), ("tq35", 128, 16), ("tq4", 64, 16)])
+def test_gpu_store_cen_asm(preset, D, B, monkeypatch):
+    """TQ_VLLM_STORE_CEN=1 on the GPU (the centroid from the code's asm block): pages equal the reference's."""
+    monkeypatch.setenv("TQ_VLLM_STORE_CEN", "1")
+    _check_store(preset, D, B)
+    monkeypatch.setenv("TQ_VLLM_STORE_CEN", "2")
+    with pytest.raises(ValueError, match="TQ_VLLM_STORE_CEN"):
+        _check_store(preset, D, B)
 
 
 def test_store_cmp_mode_refused(monkeypatch):

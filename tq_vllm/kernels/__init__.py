@@ -60,6 +60,9 @@ STORE_SYM_MAX_BITS = 3
 # store_variants.jsonl "2026-11-29"); 2 = all 15 boundaries counted by one asm block (store._count15): tq4 247.0 ->
 # 199.8 us against the comparisons in Triton (1; H200, 2026-11-27, "2026-11-27t")
 STORE_CMP = "3"
+# TQ_VLLM_STORE_CEN's default: under STORE_CMP=3 the centroid of a symmetric 4-bit code from the same asm block as the
+# code (store.sym_cen_asm4: byte permutes of the codebook's upper half, no table gather), "0" gathers it
+STORE_CEN = "0"
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # decode rows below which the query rotation is one pass over head_dim (`_qrot_chunk`): 1 x 1K tq4 0.0164 -> 0.0148
 # ms, tq3 0.0204 -> 0.0183, 1 x 32K 0.0373 -> 0.0354; at 32 x 32K tq3 2 % slower, tq4 equal (H200, 2026-11-29,
@@ -432,6 +435,15 @@ def _store_cfg(kw: dict) -> dict:
     return cfg
 
 
+def _cen_asm(codec: LayerCodec, kind: str) -> str:
+    """store.sym_cen_asm4 for the symmetric 4-bit codebook `kind` of `codec` (its upper 8 centroids), cached."""
+    cache = codec.__dict__.setdefault("_tq_cen_asm", {})
+    if kind not in cache:
+        from .store import sym_cen_asm4
+        cache[kind] = sym_cen_asm4(codec.centroids[kind].detach().to("cpu", torch.float32)[8:].tolist())
+    return cache[kind]
+
+
 def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None,
                  defer_sink: bool = False) -> None:
@@ -474,6 +486,12 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     smax = {"auto": 4 if cmp_codes == 3 else STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
     sym = dict(KSY=tb.sym["k"] and kw["KBITS"] <= smax, VSY=tb.sym["v"] and kw["VBITS"] <= smax,
                KMSY=tb.sym["k_mean"] and kw["MBITS"] <= smax, VMSY=tb.sym["v_mean"] and kw["MBITS"] <= smax)
+    cen = os.environ.get("TQ_VLLM_STORE_CEN", STORE_CEN)
+    if cen not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_STORE_CEN={cen!r}: choose 0 or 1")
+    sym.update(KCAON=cen == "1" and cmp_codes == 3 and sym["KSY"] and kw["KBITS"] == 4,
+               VCAON=cen == "1" and cmp_codes == 3 and sym["VSY"] and kw["VBITS"] == 4)
+    sym.update(KCA=_cen_asm(codec, "k") if sym["KCAON"] else "-", VCA=_cen_asm(codec, "v") if sym["VCAON"] else "-")
     mod = _kmod("store")
     for t in (key, value):
         assert t.stride(-1) == 1

@@ -107,24 +107,58 @@ def _f32_hex(x: float) -> str:
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
 
 
-def _sym_count_asm(bits: int) -> str:
+def _sym_count_asm(bits: int, u: int = 1, bound0: int = 2, braces: bool = True) -> str:
     """PTX of the code of u for a codebook of `bits` bits antisymmetric about a zero middle boundary (as
-    `_sym_codes`): operands $0 = the code, $1 = u, $2.. = the MID = 2^(bits-1) - 1 upper boundaries. n = #{upper
-    boundaries < a} with a = |u| one ulp up for negative u, counted like `_COUNT15_ASM` (FSET, exact fp32 sums); the
-    code is MID + 1 + n for u > 0 and MID - n otherwise, = MID - n + [u > 0] * (2n + 1), exact in fp32."""
+    `_sym_codes`): operands $0 = the code, $`u` = u, $`bound0`.. = the MID = 2^(bits-1) - 1 upper boundaries. n =
+    #{upper boundaries < a} (left in register m0) with a = |u| one ulp up for negative u, counted like `_COUNT15_ASM`
+    (FSET, exact fp32 sums); the code is MID + 1 + n for u > 0 and MID - n otherwise, = MID - n + [u > 0] * (2n + 1),
+    exact in fp32."""
     mid = (1 << bits) // 2 - 1
     lines = [f".reg .f32 m<{max(mid, 2)}>;", ".reg .b32 a, s;",
-             "and.b32 a, $1, 2147483647;", "shr.u32 s, $1, 31;", "add.u32 a, a, s;"]
-    lines += [f"set.gt.f32.f32 m{k}, a, ${k + 2};" for k in range(mid)]
+             f"and.b32 a, ${u}, 2147483647;", f"shr.u32 s, ${u}, 31;", "add.u32 a, a, s;"]
+    lines += [f"set.gt.f32.f32 m{k}, a, ${k + bound0};" for k in range(mid)]
     lines += [f"add.f32 m0, m0, m{k};" for k in range(1, mid)]
-    lines += ["set.gt.f32.f32 m1, $1, 0f00000000;",  # [u > 0]
+    lines += [f"set.gt.f32.f32 m1, ${u}, 0f00000000;",  # [u > 0]
               "fma.rn.f32 a, m0, 0f40000000, 0f3F800000;",  # 2n + 1
               f"sub.f32 s, {_f32_hex(mid)}, m0;",  # MID - n
               "fma.rn.f32 a, m1, a, s;", "cvt.rzi.s32.f32 $0, a;"]
-    return "{ " + "\n".join(lines) + " }"
+    body = "\n".join(lines)
+    return "{ " + body + " }" if braces else body
 
 
 SYM_ASM4: tl.constexpr = tl.constexpr(_sym_count_asm(4))
+
+
+def sym_cen_asm4(mags) -> str:
+    """PTX of `_sym_count_asm(4)`'s code and its centroid, for a symmetric 4-bit codebook whose upper centroids are
+    `mags` (8 fp32, ascending: c[8 + n] = mags[n] = -c[7 - n]): operands $0 = the code, $1 = the centroid (fp32
+    bits), $2 = u, $3.. = the 7 upper boundaries. The centroid takes no table gather: byte k of mags[n] is byte n
+    of the 8-byte word (Tk_lo, Tk_hi), picked by one prmt per byte (selector n in every nibble) and the four bytes
+    joined by three more; its sign is that of the code's half (u > 0: upper)."""
+    import numpy as np
+    m = np.asarray([float(x) for x in mags], dtype=np.float32).view(np.uint32)
+    assert m.size == 8
+    byte = [[(int(m[n]) >> (8 * k)) & 0xFF for n in range(8)] for k in range(4)]
+    word = [[sum(byte[k][4 * h + j] << (8 * j) for j in range(4)) for h in range(2)] for k in range(4)]
+    lines = [".reg .b32 n, sel, lo, hi, p0, p1, p2, p3, q0, q1, g;", _sym_count_asm(4, u=2, bound0=3, braces=False)]
+    lines += ["cvt.rzi.u32.f32 n, m0;", "mul.lo.u32 sel, n, 0x1111;"]  # n in every selector nibble
+    for k in range(4):
+        lines += [f"mov.b32 lo, 0x{word[k][0]:08X};", f"mov.b32 hi, 0x{word[k][1]:08X};",
+                  f"prmt.b32 p{k}, lo, hi, sel;"]
+    lines += ["prmt.b32 q0, p0, p1, 0x5140;", "prmt.b32 q1, p2, p3, 0x5140;",  # bytes (a0, b0, a1, b1)
+              "prmt.b32 g, q0, q1, 0x5410;",  # (q0.b0, q0.b1, q1.b0, q1.b1)
+              "set.le.u32.f32 n, $2, 0f00000000;", "and.b32 n, n, 0x80000000;", "xor.b32 $1, g, n;"]
+    return "{ " + "\n".join(lines) + " }"
+
+
+@triton.jit
+def _sym_codes_cen_asm4(u, BND, ASM: tl.constexpr):
+    """(codes, centroids) of u [T, DP] for a symmetric 4-bit codebook, both from one asm block per element
+    (`sym_cen_asm4`; GPU only: inline PTX)."""
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r" + ",r" * 8,
+        [u, tl.load(BND + 8), tl.load(BND + 9), tl.load(BND + 10), tl.load(BND + 11), tl.load(BND + 12),
+         tl.load(BND + 13), tl.load(BND + 14)], dtype=(tl.int32, tl.float32), is_pure=True, pack=1)
 
 
 @triton.jit
@@ -159,16 +193,22 @@ def _sym_codes(u, dmask, BND, CEN, BITS: tl.constexpr):
 
 
 @triton.jit
-def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr, SYM: tl.constexpr):
+def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr, SYM: tl.constexpr,
+            CA: tl.constexpr, CAON: tl.constexpr):
     """encode_dir of rows y [T, DP] (pad columns 0): codes int32 [T, DP], bf16-rounded scale [T] fp32,
-    and the centroid values c[codes] (0 in pad columns). SYM: codes from |u| (`_sym_codes`)."""
+    and the centroid values c[codes] (0 in pad columns). SYM: codes from |u| (`_sym_codes`); CAON (4-bit, CMP 3): CA
+    is the asm of `sym_cen_asm4` for this codebook (codes and centroids in one block, no gather). (Triton 3.6 takes
+    no default for a string constexpr of a helper: CA is always passed.)"""
     nrm = _robust_norm(y)
     finite = _all_finite(y) & (nrm == nrm) & (tl.abs(nrm) < float("inf"))
     pos = finite & (nrm > 0)
     u = y / tl.where(pos, nrm, 1.0)[:, None]
     u = tl.where(pos[:, None], u, 0.0)
     code = tl.zeros(y.shape, dtype=tl.int32)
-    if SYM and CMP == 3 and BITS == 4:
+    if SYM and CMP == 3 and BITS == 4 and CAON:
+        code, c = _sym_codes_cen_asm4(u, BND, CA)
+        c = tl.where(dmask[None, :], c, 0.0)
+    elif SYM and CMP == 3 and BITS == 4:
         code = _sym_codes_asm4(u, BND)
         c = tl.load(CEN + code, mask=dmask[None, :], other=0.0)
     elif SYM:
@@ -240,7 +280,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
                 MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
                 PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr, sb_lo, sb_hi,
-                RDC: tl.constexpr, SYM: tl.constexpr, MSYM: tl.constexpr):
+                RDC: tl.constexpr, SYM: tl.constexpr, MSYM: tl.constexpr, CA: tl.constexpr, CAON: tl.constexpr):
     """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1, of
     which this program codes [sb_lo, sb_hi): the per-block mean is computed from the whole block either way and
     written by the program that codes sub-tile 0).
@@ -272,7 +312,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 ysum1 += tl.sum(pt * xs[:, None], axis=0)
             ysum = ysum1[None, :]
         mean = ysum / B  # [NBLK, DP]
-        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP, MSYM)
+        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP, MSYM, CA, False)
         mhat = ms[:, None] * mc  # [NBLK, DP]
         mval = bval & (bsel * 0 + sb_lo == 0)
         _put_codes(PAGE_B, mcode, bsel * 0, mval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
@@ -289,7 +329,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                             RDC, NR, PM1, INTERP)
             if CENTER:
                 yy = yy - mhat
-        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP, SYM)
+        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP, SYM, CA, CAON)
         _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2)
         _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
         if PROD:
@@ -329,7 +369,8 @@ def _tq_store_kernel(
     PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
     KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False, PAR: tl.constexpr = False,
     RDC: tl.constexpr = 32, KSY: tl.constexpr = False, VSY: tl.constexpr = False, KMSY: tl.constexpr = False,
-    VMSY: tl.constexpr = False,
+    VMSY: tl.constexpr = False, KCA: tl.constexpr = "-", VCA: tl.constexpr = "-", KCAON: tl.constexpr = False,
+    VCAON: tl.constexpr = False,
 ):
     """Program (group of NBLK entries of the completed-block list[, sub-tile when PAR], KV head[, kind when
     KVSPLIT]); NR = NBLK*TS rows. KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink
@@ -417,12 +458,12 @@ def _tq_store_kernel(
         _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
                     CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
                     KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP, sb_lo, sb_hi,
-                    RDC, KSY, KMSY)
+                    RDC, KSY, KMSY, KCA, KCAON)
     if kind == 1 or not KVSPLIT:
         _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd,
                     SQ, BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1,
                     VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP,
-                    sb_lo, sb_hi, RDC, VSY, VMSY)
+                    sb_lo, sb_hi, RDC, VSY, VMSY, VCA, VCAON)
     if PAGE > USED and kind == 0 and sb_lo == 0:
         # zero padding of each block's head page (each row zeroes a slice)
         pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
