@@ -668,7 +668,8 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
         K.LAST_DECODE_LAUNCH.clear()
         copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, narrow=True), [(0, 1), (1, 1), (2, 1)], q, k,
                                  v, scale)
-        assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1, lut4=K.NARROW_LUT4)
+        assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1, lut4=K.NARROW_LUT4,
+                                            split_major=False)
     # the 4-warp launch of the same step takes the signed form (each form is checked against the reference)
     K.LAST_DECODE_LAUNCH.clear()
     copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
@@ -697,6 +698,35 @@ def test_w2_decode_launch_matches_reference(preset, D, B, G):
     K.LAST_DECODE_LAUNCH.clear()
     copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
     assert K.LAST_DECODE_LAUNCH["num_warps"] == 4, K.LAST_DECODE_LAUNCH
+
+
+@pytest.mark.parametrize("launch", ["4-warp", "w2", "narrow"])
+def test_split_major_grid_order(launch, monkeypatch):
+    """TQ_VLLM_DECODE_SPLIT_MAJOR=1 (grid z = s·H + h: page programs before the exact-key programs) gives the
+    head-major launch's output bit for bit (each program computes the same partial), checked against the reference,
+    at 1, 3 and 5 splits with H = 3 heads (so the two orders differ in every program but the first)."""
+    monkeypatch.setenv("TQ_VLLM_LUT", "emulate")
+    preset, D, B, G, H = ("tq3", 64, 16, 4, 3) if launch == "w2" else ("tq4", 64, 16, 2, 3)
+    codec = LayerCodec(preset, D, B, device=DEV)
+    q, k, v = _seqs(2, 180, H, G, D, torch.bfloat16, seed=_seed("zorder", launch))
+    base = PagedSim(codec, H, num_blocks=64, num_slots=6, dtype=torch.bfloat16, device=DEV)
+    base.step(ref.forward_step, [(0, 150), (1, 40)], q, k, v, D ** -0.5)
+    for nsplit in (1, 3, 5):
+        outs = []
+        for mode in ("0", "1"):
+            monkeypatch.setenv("TQ_VLLM_DECODE_SPLIT_MAJOR", mode)
+            rec = {}
+            copy.deepcopy(base).step(_split_attention_op(H, G, 2, nsplit, narrow=launch == "narrow",
+                                                         w2=launch == "w2", record=rec),
+                                     [(0, 1), (1, 1)], q, k, v, D ** -0.5)
+            assert rec["launch"]["split_major"] == (mode == "1")
+            outs.append(rec["out"])
+        assert torch.equal(outs[0], outs[1]), nsplit
+    monkeypatch.setenv("TQ_VLLM_DECODE_SPLIT_MAJOR", "auto")  # the default: split-major for the two-warp launch
+    assert K._split_major(True) and not K._split_major(False)
+    monkeypatch.setenv("TQ_VLLM_DECODE_SPLIT_MAJOR", "yes")
+    with pytest.raises(ValueError, match="TQ_VLLM_DECODE_SPLIT_MAJOR"):
+        K._split_major(True)
 
 
 def test_w2_decode_choice(monkeypatch):

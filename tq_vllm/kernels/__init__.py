@@ -169,6 +169,19 @@ def _w2_ok(kw: dict, D: int, B: int) -> bool:
     return kw.get("RV") == 4 and not kw["PROD"] and D in (64, 128) and B <= 32
 
 
+def _split_major(w2: bool) -> bool:
+    """The split decode's grid order: split-major (z = s·H + h, every page program dispatched before the short
+    exact-key programs) or head-major (z = h·(S+1) + s). TQ_VLLM_DECODE_SPLIT_MAJOR=auto (default: split-major for
+    the two-warp launch) | 0 | 1. Same run, H200, 2026-11-29 (decode_variants.jsonl, docs/benchmarks.md), split-major
+    against head-major, ms: tq3 (two-warp) 8 x 8K 0.0789 vs 0.0846 / 0.0838, 64 x 8K 0.4803 vs 0.4885 / 0.4891,
+    32 x 32K 0.9162 vs 0.9228 / 0.9217, 1 x 32K 0.0469 vs 0.0479; tq4 (4-warp) mixed, from 3 % faster (8 x 8K) to
+    1.7 % slower (1 x 32K)."""
+    mode = os.environ.get("TQ_VLLM_DECODE_SPLIT_MAJOR", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_DECODE_SPLIT_MAJOR={mode!r}: choose auto, 0 or 1")
+    return mode == "1" or (mode == "auto" and w2)
+
+
 def _programs_per_sm(name: str) -> int:
     """Programs of launch `name` resident per SM (`params.programs_per_sm`): the wave size the split count plans
     for. 4 for the decode default (4 warps at 128 registers)."""
@@ -673,7 +686,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             w2 = True
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
-        LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"],
+        split_major = _split_major(w2)
+        LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"], split_major=split_major,
                                   lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
@@ -693,6 +707,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
+            SPLIT_MAJOR=split_major,
             **qrot, **cfg, **kwd),
             fallbacks=(*no_fwht, {"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0},
                        {"num_warps": 8, "num_stages": 1}))

@@ -17,9 +17,9 @@ The query's own block is exact (staging for positions < ctx, the step's K/V for 
 first block when the sink table holds it (its page tag matches the table entry; it is masked out of the page tile).
 
 Two launch modes:
-* split (decode rows, QT=1): grid (rows, 1, H*(NSPLIT+1)); split s < NSPLIT covers a range of page tiles (rotated
-  domain), split NSPLIT the exact keys (original domain); each writes (acc, m, l); `_tq_reduce_kernel` merges them
-  with a log-sum-exp and rotates the page part back by Π once.
+* split (decode rows, QT=1): grid (rows, 1, H*(NSPLIT+1)), z = h·(NSPLIT+1) + s (SPLIT_MAJOR: s·H + h); split
+  s < NSPLIT covers a range of page tiles (rotated domain), split NSPLIT the exact keys (original domain); each
+  writes (acc, m, l); `_tq_reduce_kernel` merges them with a log-sum-exp and rotates the page part back by Π once.
 * fused (prefill / chunk rows): grid (rows, q-tiles, H); a program walks every page its queries may see, then the
   exact keys (their values rotated into the page accumulator), and writes the output itself.
 """
@@ -311,7 +311,7 @@ def _tq_attn_kernel(
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
     KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False, QDC: tl.constexpr = 32,
-    HAD: tl.constexpr = False, LOGD: tl.constexpr = 0,
+    HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SPLIT_MAJOR: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -319,6 +319,10 @@ def _tq_attn_kernel(
     if FUSED:
         h = z
         s = 0
+    elif SPLIT_MAJOR:
+        # z = s·H + h: every page program is dispatched before the short exact-key programs (s = NSPLIT)
+        s = z // H
+        h = z % H
     else:
         h = z // (NSPLIT + 1)
         s = z % (NSPLIT + 1)
