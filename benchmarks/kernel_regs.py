@@ -3,6 +3,7 @@ shared memory per kernel (the first thing to look at when a kernel is slow; the 
 
     python benchmarks/kernel_regs.py                    # sm_90 (H100/H200), tq4 + tq3, every kernel
     python benchmarks/kernel_regs.py --presets tq4 --arch 90 --block 16 --ptx DIR   # also dump PTX/SASS
+    python benchmarks/kernel_regs.py --presets tq3 --kernels decode --mix   # + SASS instruction mix, layout moves
 
 Uses Triton's own compiler and the ptxas bundled with the `triton` wheel; nothing is launched. The numbers match
 what the GPU's Triton reports when the Triton versions match (the lent GPU runs 3.6.0; this machine may differ).
@@ -70,20 +71,45 @@ def install(arch: int):
 def stats(ck):
     """Registers and spill bytes from the cubin's resource usage (cuobjdump of the triton wheel)."""
     import re
-    import subprocess
-    import tempfile
 
-    from triton.backends.nvidia import compiler as nv
     md = ck.metadata
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-        txt = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    txt = _cuobjdump(ck, "--dump-resource-usage")
     reg = re.search(r"REG:(\d+)", txt)
     spill = re.search(r"STACK:(\d+)", txt)
     return dict(regs=int(reg.group(1)) if reg else -1, spills=int(spill.group(1)) if spill else -1,
                 shared_kb=round(md.shared / 1024, 1), warps=md.num_warps, stages=md.num_stages)
+
+
+MIX_OPS = ("BAR", "STS", "LDS", "LDSM", "LDG", "LDGSTS", "STL", "LDL", "SHFL", "HMMA", "PRMT")
+
+
+def _cuobjdump(ck, *args) -> str:
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia import compiler as nv
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+        return subprocess.run([tool, *args, f.name], capture_output=True, text=True).stdout
+
+
+def mix(ck) -> dict:
+    """The SASS instruction mix of a compiled kernel (cuobjdump of the triton wheel; Triton's own `asm["sass"]` stops
+    at 4,096 instructions, its offset pattern has 4 hex digits): the total and the counts of MIX_OPS, plus `cvt`:
+    register tensors moved through shared memory (`ttg.local_alloc` of a value in the TTGIR, which is how Triton
+    changes a tensor's layout; the pipeline's own buffers are allocated empty and not counted). What to compare
+    between two builds of a kernel before spending GPU time on them."""
+    import collections
+    import re
+
+    ops = collections.Counter()
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _cuobjdump(ck, "-sass")):
+        ops[m.group(1)] += 1
+    out = {"instr": sum(ops.values()), **{k: ops[k] for k in MIX_OPS}}
+    out["cvt"] = len(re.findall(r"ttg\.local_alloc %", ck.asm["ttgir"]))
+    return out
 
 
 def _dequant_case(preset, B, D, H=8):
@@ -117,6 +143,7 @@ def main():
     ap.add_argument("--gqa", type=int, default=4)
     ap.add_argument("--kernels", default="decode,prefill,store,dequant,fill")
     ap.add_argument("--ptx", default=None, help="directory to write .ptx/.sass per kernel")
+    ap.add_argument("--mix", action="store_true", help="also the SASS instruction mix per kernel (`mix`)")
     a = ap.parse_args()
     compiled = install(a.arch)
     import benchmarks.bench_decode as bd
@@ -141,6 +168,8 @@ def main():
                 s = stats(ck)
                 print(f"{preset:8} {kname:8} {s['regs']:>5} {s['spills']:>7} {s['shared_kb']:>9} {s['warps']:>5} "
                       f"{s['stages']:>6}")
+                if a.mix:
+                    print("    " + "  ".join(f"{k} {v}" for k, v in mix(ck).items()))
                 if a.ptx:
                     os.makedirs(a.ptx, exist_ok=True)
                     for ext in ("ptx", "sass", "ttgir", "cubin"):

@@ -85,3 +85,16 @@ def test_kernels_compile_with_the_gpu_triton(args, env, kernels, tmp_path):
     """The same with Triton 3.6, the lent GPU's (vLLM 0.26 / torch 2.11)."""
     out = _compile(args, env, kernels, tmp_path, pythonpath=GPU_TRITON)
     assert out.startswith(f"triton {GPU_TRITON_VERSION},"), out[:200]
+
+
+def test_kernel_regs_instruction_mix(tmp_path):
+    """`kernel_regs.py --mix`: the whole kernel's SASS instruction mix from cuobjdump, past the 4,096 instructions
+    where Triton's own listing stops (the store kernel has more), each count a number, the keys `mix` promises."""
+    out = _compile(["--presets", "tq4", "--block", "32", "--kernels", "store", "--mix"], {}, ["store"], tmp_path)
+    lines = [line.split() for line in out.splitlines() if line.startswith("    instr ")]
+    assert len(lines) == 1, out[-2000:]
+    mix = dict(zip(lines[0][::2], (int(x) for x in lines[0][1::2])))
+    ops = list(mix)[1:-1]  # (kernel_regs.MIX_OPS; importing kernel_regs here would drop TRITON_INTERPRET)
+    assert list(mix)[0] == "instr" and list(mix)[-1] == "cvt" and {"BAR", "STS", "LDG", "HMMA", "STL"} <= set(ops)
+    assert mix["instr"] > 4096 and mix["HMMA"] > 0 and mix["BAR"] > 0 and mix["LDG"] > 0
+    assert mix["instr"] > sum(mix[k] for k in ops)
