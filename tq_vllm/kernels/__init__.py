@@ -174,8 +174,8 @@ def _split_major(w2: bool) -> bool:
     exact-key programs) or head-major (z = h·(S+1) + s). TQ_VLLM_DECODE_SPLIT_MAJOR=auto (default: split-major for
     the two-warp launch) | 0 | 1. Same run, H200, 2026-11-29 (decode_variants.jsonl, docs/benchmarks.md), split-major
     against head-major, ms: tq3 (two-warp) 8 x 8K 0.0789 vs 0.0846 / 0.0838, 64 x 8K 0.4803 vs 0.4885 / 0.4891,
-    32 x 32K 0.9162 vs 0.9228 / 0.9217, 1 x 32K 0.0469 vs 0.0479; tq4 (4-warp) mixed, from 3 % faster (8 x 8K) to
-    1.7 % slower (1 x 32K)."""
+    32 x 32K 0.9162 vs 0.9228 / 0.9217, 1 x 32K 0.0469 vs 0.0479; tq35 and tq25 likewise from 8 rows (tq25 64 x 8K
+    0.4265 vs 0.4463), at one row within 2 %; tq4 (4-warp) mixed, from 3 % faster (8 x 8K) to 1.7 % slower (1 x 32K)."""
     mode = os.environ.get("TQ_VLLM_DECODE_SPLIT_MAJOR", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_DECODE_SPLIT_MAJOR={mode!r}: choose auto, 0 or 1")
