@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,3 +99,69 @@ def test_kernel_regs_instruction_mix(tmp_path):
     assert list(mix)[0] == "instr" and list(mix)[-1] == "cvt" and {"BAR", "STS", "LDG", "HMMA", "STL"} <= set(ops)
     assert mix["instr"] > 4096 and mix["HMMA"] > 0 and mix["BAR"] > 0 and mix["LDG"] > 0
     assert mix["instr"] > sum(mix[k] for k in ops)
+
+
+def _probe_model(cache, programs, n_tiles):
+    """What `_probe_kernel` computes, element by element in torch: its byte addresses, the nibble of each lattice
+    column, the asm's look-up as `lut.emulate` (held to the asm's PTX by test_kernels_lut.py), fp32 sums."""
+    from gluon_probe import TILE_BYTES, TOK, XV
+    i = torch.arange(programs * n_tiles)[:, None, None]
+    t = torch.arange(XV)[None, :, None]
+    k = torch.arange(TOK)[None, None, :]
+    cache = cache.to(torch.int64)
+    p0 = cache[i * TILE_BYTES + k * XV + t]
+    hh = (cache[i * TILE_BYTES + TOK * XV + k * (XV // 2) + t // 2] >> ((t % 2) * 4)) & 15
+    return p0, hh  # [tiles, XV, TOK]
+
+
+def test_gluon_probe_addressing_matches_torch():
+    """The Gluon probe's plane addressing and nibble selection, modelled in torch with the asm's model, give the
+    probe's torch reference (so a GPU run of `gluon_probe.py --run` checks the layouts, not the arithmetic)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gluon_probe import N, XV, inputs
+
+    from tq_vllm.kernels.lut import emulate
+    from tq_vllm.quant.codebook import page_codebook
+    programs, n_tiles = 2, 3
+    cache, p, _, ref = inputs(programs, n_tiles, "cpu", seed=7)
+    p0, hh = _probe_model(cache, programs, n_tiles)
+    c = page_codebook(128, 3, "v")[0]
+    lat = emulate(2, c, p0, hh)  # 4 x [tiles, XV, TOK] fp16
+    got = torch.stack([torch.einsum("itk,ikn->itn", lat[r].float(), p.float()) for r in range(4)], 1)
+    got = got.reshape(programs, n_tiles, 4, XV, N).sum(1)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
+    # a nibble taken from the wrong half of the 1-bit byte changes the result
+    bad = emulate(2, c, p0, (hh ^ 1))
+    worse = torch.stack([torch.einsum("itk,ikn->itn", bad[r].float(), p.float()) for r in range(4)], 1)
+    assert not torch.allclose(worse.reshape(programs, n_tiles, 4, XV, N).sum(1), ref, rtol=1e-3, atol=1e-2)
+
+
+def test_gluon_probe_compiles_without_shared_memory(tmp_path):
+    """`benchmarks/gluon_probe.py`: in Gluon the 3-bit value tile decodes in the MMA operand layout (no layout move
+    through shared memory, no barrier, nothing spilled), with the venv's Triton and with the GPU's (3.6)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("TQ_VLLM_")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    paths = [None] + ([GPU_TRITON] if os.path.exists(os.path.join(GPU_TRITON, "triton", "__init__.py")) else [])
+    for extra in paths:
+        run_env = dict(env, PYTHONPATH=os.pathsep.join([extra, ROOT])) if extra else env
+        p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py"], cwd=ROOT, env=run_env, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        line = [x for x in p.stdout.splitlines() if x.startswith("    instr ")]
+        assert len(line) == 1, p.stdout
+        f = line[0].split()
+        mix = dict(zip(f[::2], (int(x) for x in f[1::2])))
+        assert mix["HMMA"] > 0 and mix["PRMT"] > 0, mix
+        assert mix["BAR"] == mix["STS"] == mix["STL"] == mix["cvt"] == 0, mix
+        assert " 0 B spilled" in p.stdout, p.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_probe_runs():
+    """On a GPU: the probe kernel against torch (`gluon_probe.py --run`)."""
+    import torch as _t
+    if not _t.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py", "--run"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
