@@ -110,6 +110,10 @@ def inputs(programs: int, n_tiles: int, device, seed: int = 0):
     return cache.reshape(-1).to(device), p.to(device), asm, ref
 
 
+def launch(cache, p, out, programs: int, n_tiles: int, asm: str):
+    kernel()[(programs,)](cache, p, out, n_tiles, ASM=asm, TOK=TOK, XV=XV, N=N, TILE_BYTES=TILE_BYTES, num_warps=2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="store_true", help="launch on the GPU and compare with torch")
@@ -119,8 +123,7 @@ def main(argv=None) -> int:
     if a.run:
         cache, p, asm, ref = inputs(programs, n_tiles, "cuda")
         out = torch.full((programs, 4, XV, N), float("nan"), device="cuda")
-        kernel()[(programs,)](cache, p, out, n_tiles, ASM=asm, TOK=TOK, XV=XV, N=N, TILE_BYTES=TILE_BYTES,
-                                   num_warps=2)
+        launch(cache, p, out, programs, n_tiles, asm)
         err = ((out.cpu() - ref).norm() / ref.norm()).item()
         print(f"probe on {torch.cuda.get_device_name()}: relative error against torch {err:.2e}")
         # throughput of the decode + MMA alone on random bytes (no pipelining yet: a floor for the design, not a result)
@@ -128,14 +131,12 @@ def main(argv=None) -> int:
         big = torch.randint(0, 256, (progs * nt * TILE_BYTES,), dtype=torch.uint8, device="cuda")
         pb = torch.randn(progs * nt, TOK, N, device="cuda").to(torch.float16)
         ob = torch.empty(progs, 4, XV, N, device="cuda")
-        run = lambda: kernel()[(progs,)](big, pb, ob, nt, ASM=asm, TOK=TOK, XV=XV, N=N,  # noqa: E731
-                                         TILE_BYTES=TILE_BYTES, num_warps=2)
-        run()
+        launch(big, pb, ob, progs, nt, asm)
         torch.cuda.synchronize()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         for _ in range(20):
-            run()
+            launch(big, pb, ob, progs, nt, asm)
         e1.record()
         torch.cuda.synchronize()
         ms = e0.elapsed_time(e1) / 20

@@ -126,14 +126,15 @@ def test_gluon_probe_addressing_matches_torch():
     cache, p, _, ref = inputs(programs, n_tiles, "cpu", seed=7)
     p0, hh = _probe_model(cache, programs, n_tiles)
     c = page_codebook(128, 3, "v")[0]
-    lat = emulate(2, c, p0, hh)  # 4 x [tiles, XV, TOK] fp16
-    got = torch.stack([torch.einsum("itk,ikn->itn", lat[r].float(), p.float()) for r in range(4)], 1)
-    got = got.reshape(programs, n_tiles, 4, XV, N).sum(1)
-    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+    def result(nibbles):  # the 4 lattices' sums over tiles, [programs, 4, XV, N]
+        lat = emulate(2, c, p0, nibbles)  # 4 x [tiles, XV, TOK] fp16
+        acc = torch.stack([torch.einsum("itk,ikn->itn", lat[r].float(), p.float()) for r in range(4)], 1)
+        return acc.reshape(programs, n_tiles, 4, XV, N).sum(1)
+
+    assert torch.allclose(result(hh), ref, rtol=1e-5, atol=1e-4)
     # a nibble taken from the wrong half of the 1-bit byte changes the result
-    bad = emulate(2, c, p0, (hh ^ 1))
-    worse = torch.stack([torch.einsum("itk,ikn->itn", bad[r].float(), p.float()) for r in range(4)], 1)
-    assert not torch.allclose(worse.reshape(programs, n_tiles, 4, XV, N).sum(1), ref, rtol=1e-3, atol=1e-2)
+    assert not torch.allclose(result(hh ^ 1), ref, rtol=1e-3, atol=1e-2)
 
 
 def test_gluon_probe_compiles_without_shared_memory(tmp_path):
@@ -159,8 +160,7 @@ def test_gluon_probe_compiles_without_shared_memory(tmp_path):
 @pytest.mark.gpu
 def test_gpu_gluon_probe_runs():
     """On a GPU: the probe kernel against torch (`gluon_probe.py --run`)."""
-    import torch as _t
-    if not _t.cuda.is_available():
+    if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py", "--run"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)

@@ -502,9 +502,9 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     cen = os.environ.get("TQ_VLLM_STORE_CEN", STORE_CEN)
     if cen not in ("0", "1"):
         raise ValueError(f"TQ_VLLM_STORE_CEN={cen!r}: choose 0 or 1")
-    sym.update(KCAON=cen == "1" and cmp_codes == 3 and sym["KSY"] and kw["KBITS"] == 4,
-               VCAON=cen == "1" and cmp_codes == 3 and sym["VSY"] and kw["VBITS"] == 4)
-    sym.update(KCA=_cen_asm(codec, "k") if sym["KCAON"] else "-", VCA=_cen_asm(codec, "v") if sym["VCAON"] else "-")
+    for kind, K_ in (("k", "K"), ("v", "V")):  # the centroid asm of a symmetric 4-bit codebook, "-" for none
+        on = cen == "1" and cmp_codes == 3 and sym[f"{K_}SY"] and kw[f"{K_}BITS"] == 4
+        sym[f"{K_}CA"] = _cen_asm(codec, kind) if on else "-"
     mod = _kmod("store")
     for t in (key, value):
         assert t.stride(-1) == 1

@@ -194,18 +194,18 @@ def _sym_codes(u, dmask, BND, CEN, BITS: tl.constexpr):
 
 @triton.jit
 def _encode(y, dmask, BND, CEN, BITS: tl.constexpr, NORM: tl.constexpr, CMP: tl.constexpr, SYM: tl.constexpr,
-            CA: tl.constexpr, CAON: tl.constexpr):
+            CA: tl.constexpr):
     """encode_dir of rows y [T, DP] (pad columns 0): codes int32 [T, DP], bf16-rounded scale [T] fp32,
-    and the centroid values c[codes] (0 in pad columns). SYM: codes from |u| (`_sym_codes`); CAON (4-bit, CMP 3): CA
-    is the asm of `sym_cen_asm4` for this codebook (codes and centroids in one block, no gather). (Triton 3.6 takes
-    no default for a string constexpr of a helper: CA is always passed.)"""
+    and the centroid values c[codes] (0 in pad columns). SYM: codes from |u| (`_sym_codes`); CA (4-bit, CMP 3): the
+    asm of `sym_cen_asm4` for this codebook (codes and centroids in one block, no gather), "-" for none. (Triton 3.6
+    takes no default for a string constexpr of a helper: CA is always passed.)"""
     nrm = _robust_norm(y)
     finite = _all_finite(y) & (nrm == nrm) & (tl.abs(nrm) < float("inf"))
     pos = finite & (nrm > 0)
     u = y / tl.where(pos, nrm, 1.0)[:, None]
     u = tl.where(pos[:, None], u, 0.0)
     code = tl.zeros(y.shape, dtype=tl.int32)
-    if SYM and CMP == 3 and BITS == 4 and CAON:
+    if SYM and CMP == 3 and BITS == 4 and CA != "-":
         code, c = _sym_codes_cen_asm4(u, BND, CA)
         c = tl.where(dmask[None, :], c, 0.0)
     elif SYM and CMP == 3 and BITS == 4:
@@ -280,7 +280,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 CENTER: tl.constexpr, MBITS: tl.constexpr, MO0: tl.constexpr, MW0: tl.constexpr,
                 MO1: tl.constexpr, MW1: tl.constexpr, MO2: tl.constexpr, MW2: tl.constexpr, MSO: tl.constexpr,
                 PROD: tl.constexpr, QJO: tl.constexpr, RNO: tl.constexpr, CMP: tl.constexpr, sb_lo, sb_hi,
-                RDC: tl.constexpr, SYM: tl.constexpr, MSYM: tl.constexpr, CA: tl.constexpr, CAON: tl.constexpr):
+                RDC: tl.constexpr, SYM: tl.constexpr, MSYM: tl.constexpr, CA: tl.constexpr):
     """One kind (K or V) of NBLK blocks (rows: NBLK x TS tokens; NSUB sub-tiles of TS tokens when NBLK == 1, of
     which this program codes [sb_lo, sb_hi): the per-block mean is computed from the whole block either way and
     written by the program that codes sub-tile 0).
@@ -312,7 +312,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                 ysum1 += tl.sum(pt * xs[:, None], axis=0)
             ysum = ysum1[None, :]
         mean = ysum / B  # [NBLK, DP]
-        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP, MSYM, CA, False)
+        mcode, ms, mc = _encode(mean, dmask, BNDM, CENM, MBITS, False, CMP, MSYM, "-")
         mhat = ms[:, None] * mc  # [NBLK, DP]
         mval = bval & (bsel * 0 + sb_lo == 0)
         _put_codes(PAGE_B, mcode, bsel * 0, mval, D, DP, NBLK, MO0, MW0, MO1, MW1, MO2, MW2)
@@ -329,7 +329,7 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                             RDC, NR, PM1, INTERP)
             if CENTER:
                 yy = yy - mhat
-        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP, SYM, CA, CAON)
+        code, s, c = _encode(yy, dmask, BND, CEN, BITS, NORM, CMP, SYM, CA)
         _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2)
         _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
         if PROD:
@@ -369,8 +369,7 @@ def _tq_store_kernel(
     PM1: tl.constexpr, INTERP: tl.constexpr, SINK: tl.constexpr, SINKT: tl.constexpr, SINKO: tl.constexpr,
     KVSPLIT: tl.constexpr = False, CMP: tl.constexpr = False, PAR: tl.constexpr = False,
     RDC: tl.constexpr = 32, KSY: tl.constexpr = False, VSY: tl.constexpr = False, KMSY: tl.constexpr = False,
-    VMSY: tl.constexpr = False, KCA: tl.constexpr = "-", VCA: tl.constexpr = "-", KCAON: tl.constexpr = False,
-    VCAON: tl.constexpr = False,
+    VMSY: tl.constexpr = False, KCA: tl.constexpr = "-", VCA: tl.constexpr = "-",
 ):
     """Program (group of NBLK entries of the completed-block list[, sub-tile when PAR], KV head[, kind when
     KVSPLIT]); NR = NBLK*TS rows. KVSPLIT: K and V of a block are coded by two programs (axis 2: 0 = K with the sink
@@ -458,12 +457,12 @@ def _tq_store_kernel(
         _store_kind(KIN, s_kt, s_kh, stg, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd, SQ, BK,
                     CK, BKM, CKM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, KBITS, NORM, KO0, KW0, KO1, KW1, KO2,
                     KW2, KSO, KC, MBITS, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, PROD, QJO, RNO, CMP, sb_lo, sb_hi,
-                    RDC, KSY, KMSY, KCA, KCAON)
+                    RDC, KSY, KMSY, KCA)
     if kind == 1 or not KVSPLIT:
         _store_kind(VIN, s_vt, s_vh, stg + s_g1, s_g2, qs, ctx, blk0, valid, h, page, page_b, bval, PI, PI16, rsd,
                     SQ, BV, CV, BVM, CVM, PM1, INTERP, D, DP, DC, B, NBLK, TS, NR, NSUB, VBITS, NORM, VO0, VW0, VO1,
                     VW1, VO2, VW2, VSO, VC, MBITS, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2, VMSO, False, 0, 0, CMP,
-                    sb_lo, sb_hi, RDC, VSY, VMSY, VCA, VCAON)
+                    sb_lo, sb_hi, RDC, VSY, VMSY, VCA)
     if PAGE > USED and kind == 0 and sb_lo == 0:
         # zero padding of each block's head page (each row zeroes a slice)
         pz = (n % TS)[:, None] * PADR + tl.arange(0, PADR)[None, :]
