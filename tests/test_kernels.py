@@ -732,7 +732,7 @@ def test_split_major_grid_order(launch, monkeypatch):
 def test_w2_decode_choice(monkeypatch):
     """Which layers take the two-warp decode launch (4 value lattices, no QJL keys, head_dim 64 / 128, B <= 32),
     its split count (the split rule at 64-token tiles and 6 programs per SM), and the environment."""
-    from tq_vllm.kernels.params import W2_CFG, choose_splits, programs_per_sm
+    from tq_vllm.kernels.params import W2_CFG, W2_MIN_TOKENS, choose_splits, programs_per_sm
     kw = {p: layout_constexprs(LayerCodec(p, 128, 32).layout) for p in PRESETS}
     assert {p for p in PRESETS if K._w2_ok(kw[p], 128, 32)} == {"tq3", "tq35", "tq25"}
     assert K._w2_ok(kw["tq3"], 64, 16) and not K._w2_ok(kw["tq3"], 96, 32) and not K._w2_ok(kw["tq3"], 256, 32)
@@ -748,14 +748,25 @@ def test_w2_decode_choice(monkeypatch):
         R, H = int(torch.randint(1, 129, (1,), generator=g)), int(torch.randint(1, 17, (1,), generator=g))
         plan.max_seq_len = int(torch.randint(1, 65536, (1,), generator=g))
         got = K.prepare(plan, H, 4 * H, num_decode_rows=R).w2_splits
-        assert got == choose_splits(R, H, plan.max_seq_len, 64, 8, per_sm=6) >= 1
+        want = choose_splits(R, H, plan.max_seq_len, 64, 8, per_sm=6)
+        assert want >= 1 and got == (want if R * plan.max_seq_len >= W2_MIN_TOKENS else 0)
+    # the token threshold, at it and one token below, and TQ_VLLM_DECODE_W2=1 taking the launch below it
+    for R in (1, 3, 8):
+        plan.max_seq_len = -(-W2_MIN_TOKENS // R)
+        assert K.prepare(plan, 8, 32, num_decode_rows=R).w2_splits >= 1
+        plan.max_seq_len = (W2_MIN_TOKENS - 1) // R
+        assert K.prepare(plan, 8, 32, num_decode_rows=R).w2_splits == 0
+        monkeypatch.setenv("TQ_VLLM_DECODE_W2", "1")
+        assert K.prepare(plan, 8, 32, num_decode_rows=R).w2_splits == choose_splits(
+            R, 8, plan.max_seq_len, 64, 8, per_sm=6) >= 1
+        monkeypatch.delenv("TQ_VLLM_DECODE_W2")
     plan.max_seq_len = 8192
     monkeypatch.setenv("TQ_VLLM_DECODE_W2", "0")
     assert K.prepare(plan, 8, 32, num_decode_rows=64).w2_splits == 0
     monkeypatch.setenv("TQ_VLLM_DECODE_W2", "auto")
     monkeypatch.setenv("TQ_VLLM_DECODE_TILE", "128")  # an explicit launch configuration holds for every layer
     assert K.prepare(plan, 8, 32, num_decode_rows=64).w2_splits == 0
-    monkeypatch.setenv("TQ_VLLM_DECODE_W2", "1")
+    monkeypatch.setenv("TQ_VLLM_DECODE_W2", "2")
     with pytest.raises(ValueError, match="TQ_VLLM_DECODE_W2"):
         K.prepare(plan, 8, 32, num_decode_rows=64)
 

@@ -137,24 +137,80 @@ def test_gluon_probe_addressing_matches_torch():
     assert not torch.allclose(result(hh ^ 1), ref, rtol=1e-3, atol=1e-2)
 
 
+def test_gluon_probe_pipelined_addressing_matches_torch():
+    """The pipelined probe (NSTAGE >= 2), modelled in torch: the cp.async view of a ring slot (NAT0, NAT1) and the
+    A-operand read views (RD0, RD1: rows permuted by sigma, one 1-bit byte for rows m and m + 8) address the same
+    bytes, the nibble follows m bit 3, and storing row m as column sigma(m) gives the torch reference."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gluon_probe import NAT0, NAT1, N, RD0, RD1, TILE_BYTES, TOK, XV, inputs, sigma
+
+    from tq_vllm.kernels.lut import emulate
+    from tq_vllm.quant.codebook import page_codebook
+
+    def offsets(bases, shape):  # logical index -> byte offset of a SharedLinearLayout (offset bit -> index, XOR)
+        off = torch.arange(1 << len(bases))
+        idx = torch.zeros(len(off), len(shape), dtype=torch.int64)
+        for b, v in enumerate(bases):
+            idx ^= ((off >> b) & 1)[:, None] * torch.tensor(v)
+        inv = torch.full(shape, -1, dtype=torch.int64)
+        inv[tuple(idx.T)] = off
+        assert (inv >= 0).all() and len(set(inv.flatten().tolist())) == len(off)  # a bijection
+        return inv
+
+    programs, n_tiles = 2, 3
+    cache, p, _, ref = inputs(programs, n_tiles, "cpu", seed=7)
+    tiles = cache.to(torch.int64).reshape(-1, TILE_BYTES)
+    pl0, pl1 = tiles[:, :TOK * XV].reshape(-1, TOK, XV), tiles[:, TOK * XV:].reshape(-1, TOK, XV // 2)
+    s0 = torch.zeros(len(tiles), TOK * XV, dtype=torch.int64)  # the ring slots after the copies
+    s1 = torch.zeros(len(tiles), TOK * XV // 2, dtype=torch.int64)
+    s0[:, offsets(NAT0, [TOK, XV]).flatten()] = pl0.reshape(len(tiles), -1)
+    s1[:, offsets(NAT1, [TOK, XV // 2]).flatten()] = pl1.reshape(len(tiles), -1)
+    # the copies keep 16 B chunks whole (16 B cp.async) and rows m, m + 8 adjacent (16-bit reads)
+    for bases in (NAT0, NAT1):
+        assert [bases[b] for b in range(4)] == [[0, 1], [0, 2], [0, 4], [0, 8]]
+    assert RD0[0] == [8, 0]
+    m = torch.arange(XV)[:, None]
+    p0 = s0[:, offsets(RD0, [XV, TOK])]  # [tiles, m, k]
+    h = s1[:, offsets(RD1, [2, XV // 4, TOK])]  # [tiles, m bit 4, m bits 0..2, k]
+    p1 = h[:, m[:, 0] >> 4, m[:, 0] & 7]  # the broadcast over m bit 3
+    hh = (p1 >> (((m >> 3) & 1) * 4)) & 15
+    p0_ref, hh_ref = _probe_model(cache, programs, n_tiles)  # [tiles, t, k]
+    assert torch.equal(p0, p0_ref[:, sigma(m[:, 0])]) and torch.equal(hh, hh_ref[:, sigma(m[:, 0])])
+    c = page_codebook(128, 3, "v")[0]
+    lat = emulate(2, c, p0, hh)
+    acc = torch.stack([torch.einsum("imk,ikn->imn", lat[r].float(), p.float()) for r in range(4)], 1)
+    out = torch.empty_like(acc)
+    out[:, :, sigma(m[:, 0])] = acc  # row m stored as column sigma(m)
+    assert torch.allclose(out.reshape(programs, n_tiles, 4, XV, N).sum(1), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_gluon_probe_compiles_without_shared_memory(tmp_path):
     """`benchmarks/gluon_probe.py`: in Gluon the 3-bit value tile decodes in the MMA operand layout (no layout move
-    through shared memory, no barrier, nothing spilled), with the venv's Triton and with the GPU's (3.6)."""
+    through shared memory, nothing spilled), with the venv's Triton and with the GPU's (3.6); the direct variant
+    (NSTAGE 0) without shared memory or barrier, the pipelined ones (NSTAGE 2..4) with 16 B cp.async only (no
+    global loads) and half as many shared reads as bytes read (the sigma row permutation; 64 would be byte reads)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("TQ_VLLM_")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
     paths = [None] + ([GPU_TRITON] if os.path.exists(os.path.join(GPU_TRITON, "triton", "__init__.py")) else [])
     for extra in paths:
         run_env = dict(env, PYTHONPATH=os.pathsep.join([extra, ROOT])) if extra else env
-        p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py"], cwd=ROOT, env=run_env, capture_output=True,
-                           text=True, timeout=600)
+        p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py", "--stages", "0,2,3,4"], cwd=ROOT,
+                           env=run_env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
-        line = [x for x in p.stdout.splitlines() if x.startswith("    instr ")]
-        assert len(line) == 1, p.stdout
-        f = line[0].split()
-        mix = dict(zip(f[::2], (int(x) for x in f[1::2])))
-        assert mix["HMMA"] > 0 and mix["PRMT"] > 0, mix
-        assert mix["BAR"] == mix["STS"] == mix["STL"] == mix["cvt"] == 0, mix
-        assert " 0 B spilled" in p.stdout, p.stdout
+        out = p.stdout.splitlines()
+        heads = [x for x in out if x.startswith("gluon probe NSTAGE=")]
+        lines = [x for x in out if x.startswith("    instr ")]
+        assert len(heads) == len(lines) == 4, p.stdout
+        for head, line in zip(heads, lines):
+            f = line.split()
+            mix = dict(zip(f[::2], (int(x) for x in f[1::2])))
+            assert " 0 B spilled" in head, head
+            assert mix["HMMA"] > 0 and mix["PRMT"] > 0, (head, mix)
+            assert mix["STS"] == mix["STL"] == mix["cvt"] == 0, (head, mix)
+            if head.startswith("gluon probe NSTAGE=0,"):
+                assert mix["BAR"] == mix["LDS"] == mix["LDGSTS"] == 0 and " 0.0 KB shared" in head, mix
+            else:  # (LDS counts a few never-executed `@!PT LDS RZ, [RZ]` of ptxas; 32 reads + 2 ldmatrix real)
+                assert mix["LDG"] == 0 and mix["LDGSTS"] > 0 and mix["LDSM"] > 0 and 32 <= mix["LDS"] < 48, mix
 
 
 @pytest.mark.gpu
@@ -162,6 +218,6 @@ def test_gpu_gluon_probe_runs():
     """On a GPU: the probe kernel against torch (`gluon_probe.py --run`)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py", "--run"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "benchmarks/gluon_probe.py", "--run", "--stages", "0,2,3,4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])

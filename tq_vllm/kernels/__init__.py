@@ -28,7 +28,7 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_LUT4, NARROW_TILE, W2_CFG, W2_TILE, choose_splits, layout_constexprs, narrow_cfg,
+from .params import (DC, NARROW_LUT4, NARROW_TILE, W2_CFG, W2_MIN_TOKENS, W2_TILE, choose_splits, layout_constexprs, narrow_cfg,
                      narrow_splits, next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
@@ -322,9 +322,11 @@ def prepare(plan: StepPlan, num_kv_heads: int, num_q_heads: int | None = None, n
             narrow = narrow or choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, NARROW_TILE, sms, factor)
     w2 = 0
     w2_mode = os.environ.get("TQ_VLLM_DECODE_W2", "auto")
-    if w2_mode not in ("auto", "0"):
-        raise ValueError(f"TQ_VLLM_DECODE_W2={w2_mode!r}: choose auto or 0")
-    if w2_mode == "auto" and not explicit:
+    if w2_mode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_DECODE_W2={w2_mode!r}: choose auto, 0 or 1")
+    # auto: from W2_MIN_TOKENS decode tokens (rows x max_seq_len); below it the 4-warp launch is faster; 1: always
+    if not explicit and (w2_mode == "1" or (w2_mode == "auto"
+                                            and num_decode_rows * plan.max_seq_len >= W2_MIN_TOKENS)):
         w2 = choose_splits(num_decode_rows, num_kv_heads, plan.max_seq_len, W2_TILE, sms, factor,
                            per_sm=programs_per_sm(W2_CFG["maxnreg"], W2_CFG["num_warps"]))
     S = int(os.environ.get("TQ_VLLM_DECODE_SPLITS", "0")) or S  # fixed split count (benchmark sweeps)

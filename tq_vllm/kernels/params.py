@@ -245,6 +245,12 @@ NARROW_WAVES = 2.9  # its split count keeps the page programs just under 3 waves
 # 1.270. Not for 4-bit values (two lattices of 64 rows already fill 4 warps): tq4 32 x 32K 0.670 vs 0.622.
 W2_CFG = dict(num_warps=2, num_stages=3, maxnreg=168)
 W2_TILE = 64
+# Decode tokens (rows x max_seq_len) from which the two-warp launch is used: below, at one row of 1K tokens, the
+# 4-warp launch over 128-token tiles is faster (fewer splits to merge; the row's 8 tiles spread over 4 warps). H200,
+# 2026-11-29 (decode_variants.jsonl "fourth session call 3"), two-warp vs 4-warp, ms: tq3 1 x 1K 0.0180 vs 0.0164,
+# 4 x 1K 0.0190 vs 0.0192, 1 x 2K 0.0184 vs 0.0202, 8 x 1K 0.0211 vs 0.0233, 1 x 8K 0.0223 vs 0.0282; tq25 1 x 1K
+# 0.0179 vs 0.0172, 4 x 1K 0.0189 vs 0.0193, 1 x 2K 0.0185 vs 0.0211.
+W2_MIN_TOKENS = 2048
 
 
 def narrow_cfg() -> dict:
