@@ -80,7 +80,7 @@ def stats(ck):
                 shared_kb=round(md.shared / 1024, 1), warps=md.num_warps, stages=md.num_stages)
 
 
-MIX_OPS = ("BAR", "STS", "LDS", "LDSM", "LDG", "LDGSTS", "STL", "LDL", "SHFL", "HMMA", "PRMT")
+MIX_OPS = ("BAR", "STS", "LDS", "LDSM", "LDG", "LDGSTS", "STL", "LDL", "SHFL", "HMMA", "IMMA", "PRMT")
 
 
 def _cuobjdump(ck, *args) -> str:

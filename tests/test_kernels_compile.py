@@ -101,6 +101,25 @@ def test_kernel_regs_instruction_mix(tmp_path):
     assert mix["instr"] > sum(mix[k] for k in ops)
 
 
+@pytest.mark.parametrize("pythonpath", [None, GPU_TRITON])
+def test_ki8_decode_compiles_to_integer_mma(pythonpath, tmp_path):
+    """TQ_VLLM_DECODE_KI8=1: the tq4 decode scores the key codes with integer MMAs (IMMA in place of half the HMMA),
+    with the venv's Triton and the GPU's (3.6), and with the GPU's spills nothing."""
+    if pythonpath and not os.path.exists(os.path.join(pythonpath, "triton", "__init__.py")):
+        pytest.skip("the GPU's Triton is not installed beside the venv")
+    args = ["--presets", "tq4", "--block", "32", "--kernels", "decode", "--mix"]
+    mixes = {}
+    for ki8 in ("0", "1"):
+        out = _compile(args, {"TQ_VLLM_DECODE_KI8": ki8}, ["decode"], tmp_path / ki8, pythonpath)
+        row = [line.split() for line in out.splitlines() if line.startswith("tq4") and " decode " in line][0]
+        line = [x.split() for x in out.splitlines() if x.startswith("    instr ")][0]
+        mixes[ki8] = dict(zip(line[::2], (int(x) for x in line[1::2])), stack=int(row[3]))
+    assert mixes["0"]["IMMA"] == 0 < mixes["1"]["IMMA"], mixes
+    assert mixes["1"]["HMMA"] < mixes["0"]["HMMA"], mixes
+    if pythonpath:  # (the GPU's Triton; the venv's newer one spills 144 B under the 128-register cap, not timed)
+        assert mixes["1"]["stack"] == 0, mixes
+
+
 def _probe_model(cache, programs, n_tiles):
     """What `_probe_kernel` computes, element by element in torch: its byte addresses, the nibble of each lattice
     column, the asm's look-up as `lut.emulate` (held to the asm's PTX by test_kernels_lut.py), fp32 sums."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tq_vllm.kernels.lut import GRID_OFFSET, asm_for, emulate
+from tq_vllm.kernels.lut import GRID_OFFSET, asm_4bit_i8, asm_for, emulate, emulate_i8
 from tq_vllm.quant.codebook import codebook, grid_codebook, page_codebook
 
 M32 = 0xFFFFFFFF
@@ -89,6 +89,31 @@ def test_prmt_lut_matches_model(D, bits, lattices, form):
             exp = emulate(2, c, torch.tensor(bs), torch.tensor(hs))
             for r in range(4):
                 assert np.array_equal(_halves(out[2 * r:2 * r + 2]), exp[r].numpy())
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_i8_lut_matches_model_and_codebook(D):
+    """`asm_4bit_i8` (int8 u of 4-bit grid codes, for the integer-MMA key path) through the PTX model equals its torch
+    model, and that model's two outputs are the codes of coordinates 8w + i and 8w + 4 + i of packed rows, with
+    delta · (u - 63.5) the centroid."""
+    from tq_vllm.quant.codebook import grid_of
+    from tq_vllm.quant.packing import pack
+    c = page_codebook(D, 4, "k")[0]
+    delta, u = grid_of(c.tolist())
+    asm = asm_4bit_i8(tuple(u))
+    rnd = random.Random(D)
+    for _ in range(200):
+        bs = [rnd.randrange(256) for _ in range(4)]
+        out = run_ptx(asm, [bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24], 2)
+        exp = emulate_i8(c, torch.tensor(bs))
+        for o, e in zip(out, exp):
+            assert [(o >> (8 * i)) & 0xFF for i in range(4)] == [int(x) & 0xFF for x in e]
+    codes = torch.randint(0, 16, (5, D), generator=torch.Generator().manual_seed(D))
+    a, b = emulate_i8(c, pack(codes, 4))  # [5, D/2] each
+    w, i = torch.arange(D // 2) // 4, torch.arange(D // 2) % 4
+    for got, off in ((a, 0), (b, 4)):
+        cent = delta * (got.double() - 63.5)
+        assert torch.allclose(cent, c[codes[:, 8 * w + off + i]].double(), rtol=1e-6, atol=1e-9)
 
 
 def test_emulation_matches_codebook_decoding():

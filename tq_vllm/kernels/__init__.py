@@ -672,7 +672,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
                staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0),
                out.stride(0), out.stride(1))
     sm_log2 = float(scale) * mod.LOG2E
-    kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]))
+    kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]), KI8=False, K8ASM="", K8DEL=1.0)
     nd = meta.num_decode_rows
     if nd > 0:
         S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
@@ -695,6 +695,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
         used = _reduce_used()
         had = _fwht_args(tb, D)
+        kwd = {**kwd, **_k8_modes(codec, kwd)}
+        LAST_DECODE_LAUNCH["ki8"] = bool(kwd["KI8"])
         # the query's rotation: the transform, except in the two-warp launch from QROT_ONEPASS_ROWS rows (_fwht_args),
         # with a constant QDC (one compiled variant for every batch size); else the product. A Triton that cannot
         # lower the transform's reshapes falls back to the product (the partials are the same either way)
@@ -936,6 +938,24 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
             a = ps.q0 - g0
             merge_into(o, lse_g[ps.group][:, a:a + (ps.q1 - ps.q0)], res, lse)
     return out
+
+
+def _k8_modes(codec, kw: dict) -> dict:
+    """The integer-MMA key path of the decode (TQ_VLLM_DECODE_KI8=1, opt-in, not yet timed): 4-bit grid keys
+    (a 4-bit asm mode, two lattices, no QJL) scored as int8 u codes against the rotated query rounded to int8, with
+    the randomized-Hadamard rotation (the kernel checks that at compile time and otherwise keeps the fp16 path). The
+    accuracy price of the int8 query, measured: none on SmolLM2 (benchmarks/research_int8_query.py)."""
+    mode = os.environ.get("TQ_VLLM_DECODE_KI8", "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_DECODE_KI8={mode!r}: choose 0 or 1")
+    if mode == "0" or kw["KMODE"] != 1 or kw["RK"] != 2 or kw["PROD"]:
+        return dict(KI8=False, K8ASM="", K8DEL=1.0)
+    from tq_vllm.quant.codebook import grid_of
+
+    from .lut import asm_4bit_i8
+    delta, u = grid_of(codec.centroids["k"].tolist())
+    # (KASM "" is TQ_VLLM_LUT=emulate: the kernel gathers the same values)
+    return dict(KI8=True, K8ASM=asm_4bit_i8(tuple(u)) if kw["KASM"] else "", K8DEL=float(delta))
 
 
 def _lut_modes(codec, device, RK, RV, form: str = "signed"):

@@ -104,6 +104,23 @@ def _dec_all(ptr, base, tok, m2, t, C16, R: tl.constexpr, D: tl.constexpr, O0: t
 
 
 @triton.jit
+def _dec_k8(ptr, base, tok, m2, t, C16, D: tl.constexpr, O0: tl.constexpr, ASM: tl.constexpr):
+    """4-bit grid codes (rows base/tok, byte columns t of the code plane) as int8 u (0..127, centroid
+    delta·(u - 63.5)) for an integer MMA: two [N, D/2] tensors, element 4w + i = coordinate 8w + i, resp. 8w + 4 + i,
+    so that one asm block (lut.asm_4bit_i8) turns 4 code bytes into the 4 + 4 operand bytes with no shuffle."""
+    if ASM == "":  # the interpreter / TQ_VLLM_LUT=emulate: the offset form's values (1024 + u) gathered
+        ta = (t // 4) * 4 + (t % 4) // 2
+        sh = (t % 2) * 4
+        ba = tl.load(ptr + (base + O0 + tok * (D // 2) + ta), mask=m2, other=0).to(tl.int32)
+        bb = tl.load(ptr + (base + O0 + tok * (D // 2) + ta + 2), mask=m2, other=0).to(tl.int32)
+        ua = tl.load(C16 + 16 + ((ba >> sh) & 15)).to(tl.float32) - 1024.0
+        ub = tl.load(C16 + 16 + ((bb >> sh) & 15)).to(tl.float32) - 1024.0
+        return ua.to(tl.int8), ub.to(tl.int8)
+    b = tl.load(ptr + (base + O0 + tok * (D // 2) + t), mask=m2, other=0)
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+
+
+@triton.jit
 def _bf16_at(ptr, off, idx, mask):
     """bf16 values at byte offset `off` (2-aligned) + 2*idx, as float32."""
     p = (ptr + off).to(tl.pointer_type(tl.bfloat16))
@@ -140,10 +157,11 @@ def _qrot(Q, qoff, mvalid, MAT, R: tl.constexpr, r: tl.constexpr, D: tl.constexp
 
 @triton.jit
 def _qrot_had(Q, qoff, mvalid, SGN, R: tl.constexpr, D: tl.constexpr, XP: tl.constexpr, M: tl.constexpr,
-              LOG: tl.constexpr):
+              LOG: tl.constexpr, I8: tl.constexpr = False):
     """The R lattices of √D · q @ Π.T for a randomized-Hadamard Π (`_qrot` with its matrix, which this replaces):
     (q ∘ s) @ H_D with the signs s = SGN[0:D] (row 0 of √D·Π). Returns 4 tensors [M, XP] (lattices 0..3; those
-    past R repeat lattice 0)."""
+    past R repeat lattice 0). I8 (R = 2): the last two are the integer-MMA key order of `_dec_k8` instead
+    (element 4w + i = coordinate 8w + i, resp. 8w + 4 + i)."""
     tl.static_assert(XP * R == D)
     dq = tl.arange(0, D)
     q = tl.load(Q + qoff[:, None] + dq[None, :], mask=mvalid[:, None], other=0.0).to(tl.float32)
@@ -152,6 +170,9 @@ def _qrot_had(Q, qoff, mvalid, SGN, R: tl.constexpr, D: tl.constexpr, XP: tl.con
         return y, y, y, y
     elif R == 2:
         y0, y1 = tl.split(tl.reshape(y, [M, XP, 2]))
+        if I8:
+            a, b = tl.split(tl.permute(tl.reshape(y, [M, XP // 4, 2, 4]), (0, 1, 3, 2)))
+            return y0, y1, tl.reshape(a, [M, XP]), tl.reshape(b, [M, XP])
         return y0, y1, y0, y0
     else:
         tl.static_assert(R == 4)
@@ -311,7 +332,8 @@ def _tq_attn_kernel(
     KASM: tl.constexpr, VMODE: tl.constexpr, VASM: tl.constexpr, PF: tl.constexpr = 0,
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
     KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False, QDC: tl.constexpr = 32,
-    HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SPLIT_MAJOR: tl.constexpr = False,
+    HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SPLIT_MAJOR: tl.constexpr = False, KI8: tl.constexpr = False,
+    K8ASM: tl.constexpr = None, K8DEL: tl.constexpr = 1.0,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -387,8 +409,11 @@ def _tq_attn_kernel(
                 return
     if t_hi > t_lo:
         # ---- rotated, scaled query, lattice by lattice; per-column max for an fp16 operand ----
+        # KI8 (4-bit grid keys, the transform): scores of the key codes by an integer MMA, int8 codes u against the
+        # query rounded to int8 (kernels.md, Open)
+        K8: tl.constexpr = KI8 and KMODE == 1 and HAD and RK == 2 and not PROD
         if HAD:
-            h_0, h_1, h_2, h_3 = _qrot_had(Q, qoff, mvalid, PIQ, RK, D, XK, M, LOGD)
+            h_0, h_1, h_2, h_3 = _qrot_had(Q, qoff, mvalid, PIQ, RK, D, XK, M, LOGD, K8)
             q_0 = h_0 * (sm_log2 * rsd)
         else:
             q_0 = _qrot(Q, qoff, mvalid, PIQ, RK, 0, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
@@ -408,6 +433,13 @@ def _tq_attn_kernel(
                 q_3 = _qrot(Q, qoff, mvalid, PIQ, RK, 3, D, XK, M, QDC, PM1, INTERP) * (sm_log2 * rsd)
             qmax = tl.maximum(qmax, tl.maximum(tl.max(tl.abs(q_2), axis=1), tl.max(tl.abs(q_3), axis=1)))
         qsc = tl.where(qmax > 0, qmax, 1.0)
+        if K8:
+            # q·127/qsc rounded: |q8| <= 127; the scores are (2·u·q8 - 127·Σq8)·(delta/254)·ks, times qsc below
+            qa8 = tl.floor(h_2 * (sm_log2 * rsd) / qsc[:, None] * 127.0 + 0.5)
+            qb8 = tl.floor(h_3 * (sm_log2 * rsd) / qsc[:, None] * 127.0 + 0.5)
+            sum8 = (tl.sum(qa8, axis=1) + tl.sum(qb8, axis=1)).to(tl.int32)
+            q8Ta = tl.trans(qa8.to(tl.int8))
+            q8Tb = tl.trans(qb8.to(tl.int8))
         qT0 = tl.trans((q_0 / qsc[:, None]).to(tl.float16))
         if RK > 1:
             qT1 = tl.trans((q_1 / qsc[:, None]).to(tl.float16))
@@ -481,20 +513,25 @@ def _tq_attn_kernel(
                     D, KSO, VSO, KC, KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, VC, VMO0, VMW0, VMO1, VMW1, VMO2, VMW2,
                     VMSO)
             # ---- keys: centroid dot products, scaled per token ----
-            k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
-                                          KMODE, KASM, m2, XK * H1J * HJ16, 1, KSG)
-            x = tl.dot(k0_, qT0)
-            if RK > 1:
-                x += tl.dot(k1_, qT1)
-            if RK > 2:
-                x += tl.dot(k2_, qT2)
-                x += tl.dot(k3_, qT3)
-            if KMODE == 1 and KSG:  # signed grid codes: the dot is proportional to the centroids' (KDEL)
-                sc = x * (ks * KDEL)[:, None]
-            elif KMODE == 1:
-                sc = (x - kcorr[None, :]) * KDEL * ks[:, None]
+            if K8:
+                ka8, kb8 = _dec_k8(CACHE, b2, t2, m2 & tKm, tK, CK, D, KO0, K8ASM)
+                xi = tl.dot(ka8, q8Ta, out_dtype=tl.int32) + tl.dot(kb8, q8Tb, out_dtype=tl.int32)
+                sc = (xi * 2 - sum8[None, :] * 127).to(tl.float32) * (ks * (K8DEL / 254.0))[:, None]
             else:
-                sc = x * ks[:, None]
+                k0_, k1_, k2_, k3_ = _dec_all(CACHE, b2, t2, m2 & tKm, tK, CK, RK, D, KO0, KW0, KO1, KW1, KO2, KW2,
+                                              KMODE, KASM, m2, XK * H1J * HJ16, 1, KSG)
+                x = tl.dot(k0_, qT0)
+                if RK > 1:
+                    x += tl.dot(k1_, qT1)
+                if RK > 2:
+                    x += tl.dot(k2_, qT2)
+                    x += tl.dot(k3_, qT3)
+                if KMODE == 1 and KSG:  # signed grid codes: the dot is proportional to the centroids' (KDEL)
+                    sc = x * (ks * KDEL)[:, None]
+                elif KMODE == 1:
+                    sc = (x - kcorr[None, :]) * KDEL * ks[:, None]
+                else:
+                    sc = x * ks[:, None]
             if KC:
                 n0_, n1_, n2_, n3_ = _dec_raw(kb0, kb1, kb2, tK, CKM, RK, KMW0, KMW1, KMW2)
                 y = tl.dot(n0_, qT0)

@@ -113,6 +113,31 @@ prmt.b32 $3, tqy, tqb, 0x7361;
 
 
 @functools.lru_cache(maxsize=None)
+def asm_4bit_i8(u: tuple) -> str:
+    """4-bit grid codes -> int8 u[code] (0..127) for an integer MMA: 4 input bytes (8 codes, coordinates 8w .. 8w + 7
+    of a page row) -> $0 = the codes of coordinates 8w .. 8w + 3 (the nibbles of bytes 0, 1), $1 = 8w + 4 .. 8w + 7.
+    The two-table look-up of `asm_4bit` without its spread into fp16 halves: 9 instructions per 8 codes (the signed
+    fp16 form takes 16)."""
+    assert len(u) == 16 and all(0 <= x < 128 for x in u)
+    return f"""{{
+.reg .b32 tqta0, tqta1, tqtb0, tqtb1, tqw, tqs, tqa, tqb;
+mov.b32 tqta0, {_word(list(u[0:4]))};
+mov.b32 tqta1, {_word(list(u[4:8]))};
+mov.b32 tqtb0, {_word(list(u[8:12]))};
+mov.b32 tqtb1, {_word(list(u[12:16]))};
+xor.b32 tqw, $2, 0x88888888;
+prmt.b32 tqa, tqta0, tqta1, $2;
+prmt.b32 tqb, tqtb0, tqtb1, tqw;
+or.b32 $0, tqa, tqb;
+shr.u32 tqs, $2, 16;
+shr.u32 tqw, tqw, 16;
+prmt.b32 tqa, tqta0, tqta1, tqs;
+prmt.b32 tqb, tqtb0, tqtb1, tqw;
+or.b32 $1, tqa, tqb;
+}}"""
+
+
+@functools.lru_cache(maxsize=None)
 def asm_lt4bit(centroids: tuple) -> str:
     """2- or 3-bit codes, 4 lattices. $8 = 2-bit plane bytes, $9 = high-bit nibbles (bit r = lattice r)."""
     c = list(centroids) + [0.0] * (8 - len(centroids))
@@ -164,6 +189,16 @@ def grid_values(centroids, signed: bool) -> torch.Tensor | None:
             return None
         return ((2 * u - 127) / SIGNED_UNIT).to(torch.float16)
     return (u + GRID_BASE).to(torch.float16)
+
+
+def emulate_i8(centroids, b: torch.Tensor) -> list[torch.Tensor]:
+    """Torch model of `asm_4bit_i8`: bytes `b` [..., 4k] (each 4 consecutive a pack) -> the two int8 outputs [..., 4k]
+    (element 4w + i: u of coordinate 8w + i, resp. 8w + 4 + i)."""
+    from tq_vllm.quant.codebook import grid_of
+    u = torch.tensor(grid_of([float(x) for x in centroids])[1], dtype=torch.int8)
+    b = b.to(torch.int64)
+    nib = torch.stack([b & 15, b >> 4], -1).reshape(*b.shape[:-1], -1, 8)  # [..., k, 8]: coordinates 8w + j
+    return [u[nib[..., :4]].reshape(b.shape), u[nib[..., 4:]].reshape(b.shape)]
 
 
 def emulate(mode: int, centroids: torch.Tensor, *inputs: torch.Tensor, signed: bool = False) -> list[torch.Tensor]:
