@@ -28,8 +28,8 @@ from tq_vllm.quant import reference as _ref
 from tq_vllm.quant.codec import LayerCodec
 from tq_vllm.quant.plan import SlotTable, StepPlan
 
-from .params import (DC, NARROW_LUT4, NARROW_TILE, W2_CFG, W2_MIN_TOKENS, W2_TILE, choose_splits, layout_constexprs, narrow_cfg,
-                     narrow_splits, next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
+from .params import (DC, NARROW_LUT4, NARROW_TILE, W2_CFG, W2_MIN_TOKENS, W2_TILE, choose_splits, layout_constexprs,
+                     narrow_cfg, narrow_splits, next_pow2, num_sms, programs_per_sm, store_constexprs, tables)
 
 __all__ = ["KernelMeta", "prepare", "store_blocks", "plan_slots", "warm_up", "write_staging", "paged_attention",
            "forward_step", "commit_sink", "sink_pending", "dequantize_blocks", "fill_workspace", "FillLists",
@@ -696,13 +696,13 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
         used = _reduce_used()
         had = _fwht_args(tb, D)
         kwd = {**kwd, **_k8_modes(codec, kwd)}
-        LAST_DECODE_LAUNCH["ki8"] = bool(kwd["KI8"])
         # the query's rotation: the transform, except in the two-warp launch from QROT_ONEPASS_ROWS rows (_fwht_args),
         # with a constant QDC (one compiled variant for every batch size); else the product. A Triton that cannot
         # lower the transform's reshapes falls back to the product (the partials are the same either way)
         product = dict(HAD=False, LOGD=0, QDC=_qrot_chunk(D, nd))
         qrot = dict(had, QDC=DC) if had["HAD"] and (not w2 or nd < QROT_ONEPASS_ROWS) else product
         no_fwht = (product,) if qrot["HAD"] else ()
+        LAST_DECODE_LAUNCH["ki8"] = bool(kwd["KI8"] and qrot["HAD"])  # (the kernel's K8 also needs the transform)
         po = torch.empty(nd, H, S + 1, GP, D, dtype=torch.float32, device=query.device)
         pml = torch.empty(nd, H, S + 1, 2, GP, dtype=torch.float32, device=query.device)
         if POISON_PARTIALS:
