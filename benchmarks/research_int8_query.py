@@ -8,7 +8,7 @@ price on a real model: perplexity with the rotated query q' = Π q rounded to in
 max|q'| / 127, in the scores against coded keys (the block mean's term included, which is pessimistic: a kernel could
 keep it in fp16), while the exact keys of the query's own block keep the full query, as the kernels' exact split does.
 
-    python benchmarks/research_int8_query.py [--presets tq4 tq3] [--tokens 2048 --windows 2] [--out FILE]
+    python benchmarks/research_int8_query.py [--presets tq4 tq3] [--tokens 2048 --windows 2] [--p-int8] [--out FILE]
 
 Prints a table (bf16, each preset, each preset with the int8 query) and appends one row per measurement to
 benchmarks/results/quality.jsonl with "kind": "research_int8_query". CPU only, decode semantics
@@ -42,7 +42,15 @@ def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8QueryAttention(DecodeSemanticsAttention):
-    """Decode semantics with the query rounded to int8 in the rotated domain for the coded keys only."""
+    """Decode semantics with the query rounded to int8 in the rotated domain for the coded keys only. `p_int8`: the
+    probabilities of the coded keys also rounded to int8 per (query, head, tile of TILE keys) at max p / 127 (what
+    values through an integer MMA would need; the exact keys of the own block keep theirs)."""
+
+    TILE = 128
+
+    def __init__(self, *a, p_int8: bool = False, **kw):
+        super().__init__(*a, **kw)
+        self.p_int8 = p_int8
 
     def attend(self, layer, q, k, v, scale):
         lf = self.fmt.layer(layer, self.num_layers)
@@ -71,13 +79,19 @@ class Int8QueryAttention(DecodeSemanticsAttention):
             m_x = (jx[None, :] >= own[:, None]) & (jx[None, :] <= pos[:, None])
             s = torch.cat([s_c, s_x], -1).masked_fill(~torch.cat([m_c, m_x], 1)[None], float("-inf"))
             p = torch.softmax(s, -1)
+            if self.p_int8 and qe:
+                pc = p[..., :qe]
+                nt = -(-qe // self.TILE)
+                pt = torch.nn.functional.pad(pc, (0, nt * self.TILE - qe)).unflatten(-1, (nt, self.TILE))
+                pt = int8_roundtrip(pt).clamp_min(0)
+                p = torch.cat([pt.flatten(-2)[..., :qe], p[..., qe:]], -1)
             vals = rep(torch.cat([vq[:qe], v[e0:p1]]))
             out[r0:r0 + p1 - p0] = torch.einsum("htj,jhd->thd", p, vals)
         return out
 
 
-def ppl(model, windows, fmt: str, cls) -> float:
-    sess = cls(fmt, model_shape(model)["num_layers"])
+def ppl(model, windows, fmt: str, cls, **kw) -> float:
+    sess = cls(fmt, model_shape(model)["num_layers"], **kw)
     nll = cnt = 0
     for w in windows:
         a, b = window_nll(model, w.ids, sess)
@@ -91,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--p-int8", action="store_true", help="also: the coded keys' probabilities rounded to int8")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -102,12 +117,14 @@ def main(argv=None) -> int:
     for p in a.presets:
         rows.append((p, "fp16 query", ppl(model, windows, p, DecodeSemanticsAttention)))
         rows.append((p, "int8 query", ppl(model, windows, p, Int8QueryAttention)))
+        if a.p_int8:
+            rows.append((p, "int8 q and P", ppl(model, windows, p, Int8QueryAttention, p_int8=True)))
     print(f"SmolLM2-135M-Instruct, Wikipedia, {a.windows} x {a.tokens} tokens, decode semantics (CPU)")
-    print(f"{'format':8} {'query':11} {'ppl':>9} {'vs bf16':>9}")
+    print(f"{'format':8} {'int8':13} {'ppl':>9} {'vs bf16':>9}")
     date = datetime.date.today().isoformat()
     with open(a.out, "a") as f:
         for fmt, qk, v in rows:
-            print(f"{fmt:8} {qk:11} {v:9.4f} {100 * (v / base - 1):+8.2f}%")
+            print(f"{fmt:8} {qk:13} {v:9.4f} {100 * (v / base - 1):+8.2f}%")
             f.write(json.dumps({"kind": "research_int8_query", "device": "CPU", "date": date,
                                 "model": "SmolLM2-135M-Instruct", "preset": fmt, "query": qk, "ppl": round(v, 5),
                                 "vs_bf16_pct": round(100 * (v / base - 1), 3), "tokens": a.tokens,

@@ -21,6 +21,9 @@ def test_int8_query_attention(preset, Tq, Tk, H, G, D, monkeypatch):
     v = torch.randn(Tk, H, D, generator=g)
     ref = DecodeSemanticsAttention(preset, 2).attend(1, q, k, v, D ** -0.5)
     got8 = R.Int8QueryAttention(preset, 2).attend(1, q, k, v, D ** -0.5)
+    got8p = R.Int8QueryAttention(preset, 2, p_int8=True).attend(1, q, k, v, D ** -0.5)
+    dp = (got8p - got8).abs().max()
+    assert 0 < dp < 0.05, dp  # P rounding moves the rows that read coded keys, and not much
     monkeypatch.setattr(R, "int8_roundtrip", lambda x: x)
     got = R.Int8QueryAttention(preset, 2).attend(1, q, k, v, D ** -0.5)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got - ref).abs().max()
