@@ -12,9 +12,8 @@ keep it in fp16), while the exact keys of the query's own block keep the full qu
 
 Prints a table (bf16, each preset, each preset with the int8 query, with --p-int8 also with the coded keys'
 probabilities rounded to int8 per tile of 128 keys, what values through an integer MMA would need) and appends one
-row per measurement to
-benchmarks/results/quality.jsonl with "kind": "research_int8_query". CPU only, decode semantics
-(tq_vllm.eval.attention), SmolLM2-135M-Instruct and Wikipedia from tq_vllm.assets.
+row per measurement to benchmarks/results/quality.jsonl with "kind": "research_int8_query". CPU only, decode
+semantics (tq_vllm.eval.attention), SmolLM2-135M-Instruct and Wikipedia from tq_vllm.assets.
 """
 from __future__ import annotations
 
