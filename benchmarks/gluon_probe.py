@@ -89,6 +89,11 @@ def kernel():
             return v
 
         @gluon.jit
+        def _sigma(m):
+            """`sigma` in the kernel: the lattice column held by MMA row m."""
+            return ((m >> 3) & 1) | ((m & 7) << 1) | (m & 16)
+
+        @gluon.jit
         def _issue(CACHE, PV, s0, s1, sp, i, ok, TOK: gl.constexpr, XV: gl.constexpr, N: gl.constexpr,
                    TILE_BYTES: gl.constexpr):
             """cp.async of tile i's two planes and P tile into one ring slot, 16 contiguous bytes per thread and
@@ -144,7 +149,7 @@ def kernel():
                 r0 = gl.allocate_shared_memory(gl.uint8, [NSTAGE, TOK, XV], nat0)
                 r1 = gl.allocate_shared_memory(gl.uint8, [NSTAGE, TOK, XV // 2], nat1)
                 rp = gl.allocate_shared_memory(gl.float16, [NSTAGE, TOK, N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-                t = ((t >> 3) & 1) | ((t & 7) << 1) | (t & 16)  # sigma(m): the lattice column of MMA row m
+                t = _sigma(t)  # the lattice column of MMA row m
                 for s in gl.static_range(NSTAGE - 1):  # prologue: tiles first .. first + NSTAGE - 2 in flight
                     _issue(CACHE, PV, r0.index(s), r1.index(s), rp.index(s), first + s,
                            first + s < end, TOK, XV, N, TILE_BYTES)
@@ -189,7 +194,7 @@ def kernel():
                 cp.wait_group(0)  # the empty trailing groups; nothing may be in flight at exit
             ro = gl.expand_dims(gl.arange(0, XV, layout=gl.SliceLayout(1, mma)), 1)
             if NSTAGE >= 2:
-                ro = ((ro >> 3) & 1) | ((ro & 7) << 1) | (ro & 16)  # row m holds column sigma(m)
+                ro = _sigma(ro)  # row m holds column sigma(m)
             co = gl.expand_dims(gl.arange(0, N, layout=gl.SliceLayout(0, mma)), 0)
             o = OUT + pid * (4 * XV * N) + ro * N + co
             gl.store(o, acc0)

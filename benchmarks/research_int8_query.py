@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from tq_vllm import assets  # noqa: E402
-from tq_vllm.eval.attention import DecodeSemanticsAttention  # noqa: E402
+from tq_vllm.eval.attention import DecodeSemanticsAttention, block_span  # noqa: E402
 from tq_vllm.eval.ppl import load_model, model_shape, text_windows, window_nll  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.jsonl"
@@ -70,15 +70,11 @@ class Int8QueryAttention(DecodeSemanticsAttention):
         rows = max(B, (self.max_chunk_elems // max(1, Hq * Tk)) // B * B)
         for r0 in range(0, Tq, rows):
             p0, p1 = off + r0, min(off + Tq, off + r0 + rows)
-            pos = torch.arange(p0, p1)
-            own, qe, e0 = (pos // B) * B, min(n, ((p1 - 1) // B) * B), (p0 // B) * B
+            qe, e0, mask = block_span(p0, p1, n, B)
             qc, qx = q8[r0:r0 + p1 - p0], q[r0:r0 + p1 - p0]
             s_c = torch.einsum("thd,jhd->htj", qc, rep(kq[:qe])) * scale  # coded keys: int8 query
             s_x = torch.einsum("thd,jhd->htj", qx, rep(k[e0:p1])) * scale  # own block: exact
-            m_c = torch.arange(qe)[None, :] < own[:, None]
-            jx = torch.arange(e0, p1)
-            m_x = (jx[None, :] >= own[:, None]) & (jx[None, :] <= pos[:, None])
-            s = torch.cat([s_c, s_x], -1).masked_fill(~torch.cat([m_c, m_x], 1)[None], float("-inf"))
+            s = torch.cat([s_c, s_x], -1).masked_fill(~mask[None], float("-inf"))
             p = torch.softmax(s, -1)
             if self.p_int8 and qe:
                 pc = p[..., :qe]

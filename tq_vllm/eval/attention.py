@@ -142,15 +142,9 @@ class DecodeSemanticsAttention:
                 keys, vals = kq[:p1], vq[:p1]
                 mask = torch.arange(p1)[None, :] <= pos[:, None]
             else:
-                own = (pos // B) * B
-                qe = min(n, ((p1 - 1) // B) * B)
-                e0 = (p0 // B) * B
+                qe, e0, mask = block_span(p0, p1, n, B)
                 keys = torch.cat([kq[:qe], k[e0:p1]])
                 vals = torch.cat([vq[:qe], v[e0:p1]])
-                jq = torch.arange(qe)
-                jx = torch.arange(e0, p1)
-                mask = torch.cat([jq[None, :] < own[:, None],
-                                  (jx[None, :] >= own[:, None]) & (jx[None, :] <= pos[:, None])], 1)
             o = F.scaled_dot_product_attention(
                 q[r0:r0 + (p1 - p0)].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                 vals.transpose(0, 1)[None], attn_mask=mask[None, None], scale=scale, enable_gqa=Hq != H)
@@ -173,6 +167,21 @@ class DecodeSemanticsAttention:
                          "logit_err_rms": math.sqrt(st.get("logit_err_sq", 0.0) / max(1, st.get("logit_n", 0))),
                          "logit_std": math.sqrt(st.get("logit_var", 0.0) / max(1, st.get("logit_n", 0)))})
         return rows
+
+
+def block_span(p0: int, p1: int, n: int, B: int) -> tuple[int, int, torch.Tensor]:
+    """Keys of the queries at positions p0 .. p1-1 under block semantics: (qe, e0, mask) = the coded keys [0, qe)
+    (the full blocks before the chunk's last query's block, of the n coded ones), the exact keys [e0, p1) (from
+    the chunk's first query's block), and mask [p1 - p0, qe + p1 - e0]: a query reads the coded keys of the blocks
+    before its own and the exact keys of its own block up to itself."""
+    pos = torch.arange(p0, p1)
+    own = (pos // B) * B
+    qe = min(n, ((p1 - 1) // B) * B)
+    e0 = (p0 // B) * B
+    jq = torch.arange(qe)
+    jx = torch.arange(e0, p1)
+    mask = torch.cat([jq[None, :] < own[:, None], (jx[None, :] >= own[:, None]) & (jx[None, :] <= pos[:, None])], 1)
+    return qe, e0, mask
 
 
 # ---------------------------------------------------------------------------------------------- transformers hook

@@ -672,7 +672,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
                staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0),
                out.stride(0), out.stride(1))
     sm_log2 = float(scale) * mod.LOG2E
-    kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]), KI8=False, K8ASM="", K8DEL=1.0)
+    kw.update(_lut_modes(codec, query.device, kw["RK"], kw["RV"]))
     nd = meta.num_decode_rows
     if nd > 0:
         S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
