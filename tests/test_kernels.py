@@ -746,7 +746,8 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
         copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, narrow=True), [(0, 1), (1, 1), (2, 1)], q, k,
                                  v, scale)
         assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1, lut4=K.NARROW_LUT4,
-                                            split_major=False, ki8=False)
+                                            split_major=False, ki8=False, maxnreg=0, pdl=False,
+                                            pdl_trigger=False)
     # the 4-warp launch of the same step takes the signed form (each form is checked against the reference)
     K.LAST_DECODE_LAUNCH.clear()
     copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
@@ -804,6 +805,40 @@ def test_split_major_grid_order(launch, monkeypatch):
     monkeypatch.setenv("TQ_VLLM_DECODE_SPLIT_MAJOR", "yes")
     with pytest.raises(ValueError, match="TQ_VLLM_DECODE_SPLIT_MAJOR"):
         K._split_major(True)
+
+
+def test_one_wave_register_cap_and_pdl_choice(monkeypatch):
+    """The 4-warp decode's register cap rises to ONEWAVE_MAXNREG only while its programs fit in one wave at that cap
+    (at the edge and one program past it), never over an explicit TQ_VLLM_DECODE_MAXNREG or with the knob at 0; the
+    programmatic dependent launch: off in the interpreter and for CPU tensors, both parts with TQ_VLLM_PDL=1, and a
+    bad value refused."""
+    from tq_vllm.kernels.params import programs_per_sm
+    monkeypatch.setattr(K, "num_sms", lambda index=0: 132)
+    for k in ("TQ_VLLM_DECODE_MAXNREG", "TQ_VLLM_DECODE_ONEWAVE_MAXNREG", "TQ_VLLM_PDL"):
+        monkeypatch.delenv(k, raising=False)
+    dev = torch.device("cpu")
+    edge = 132 * programs_per_sm(K.ONEWAVE_MAXNREG, 4)
+    assert K._one_wave_cfg(edge, dev) == dict(maxnreg=K.ONEWAVE_MAXNREG)
+    assert K._one_wave_cfg(edge + 1, dev) == {}
+    monkeypatch.setenv("TQ_VLLM_DECODE_ONEWAVE_MAXNREG", "200")
+    assert K._one_wave_cfg(132 * programs_per_sm(200, 4), dev) == dict(maxnreg=200)
+    assert K._one_wave_cfg(132 * programs_per_sm(200, 4) + 1, dev) == {}
+    monkeypatch.setenv("TQ_VLLM_DECODE_ONEWAVE_MAXNREG", "0")
+    assert K._one_wave_cfg(8, dev) == {}
+    monkeypatch.delenv("TQ_VLLM_DECODE_ONEWAVE_MAXNREG")
+    monkeypatch.setenv("TQ_VLLM_DECODE_MAXNREG", "128")
+    assert K._one_wave_cfg(8, dev) == {}
+    q = torch.zeros(1, 4, 64)
+    assert K._pdl(q, True) == (False, False)  # (the interpreter, when it runs the kernels)
+    monkeypatch.setattr(K, "_interp", lambda: False)
+    assert K._pdl(q, True) == (False, False)  # a CPU tensor
+    monkeypatch.setenv("TQ_VLLM_PDL", "1")
+    assert K._pdl(q, False) == (True, True)
+    monkeypatch.setenv("TQ_VLLM_PDL", "0")
+    assert K._pdl(q, True) == (False, False)
+    monkeypatch.setenv("TQ_VLLM_PDL", "yes")
+    with pytest.raises(ValueError, match="TQ_VLLM_PDL"):
+        K._pdl(q, True)
 
 
 def test_w2_decode_choice(monkeypatch):
@@ -1167,6 +1202,45 @@ def test_gpu_cuda_graph_decode(preset, warps, ki8, monkeypatch):
     sim.step(op, [(r, 1) for r in range(R)], q, k, v, D ** -0.5)
     assert captured["ok"]
     assert K.LAST_DECODE_LAUNCH["num_warps"] == warps and K.LAST_DECODE_LAUNCH["ki8"] == (ki8 == "1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tq4", "tq3"])
+def test_gpu_pdl_reduction_waits_for_the_decode(preset, monkeypatch):
+    """TQ_VLLM_PDL=1 (the split reduction a programmatic dependent of the decode launch, which triggers it at its
+    start): over 24 decode steps of 6 rows crossing block boundaries, with NaN-poisoned partials and the staging
+    copy in the reduction's launch, outputs and staging equal bit for bit those of TQ_VLLM_PDL=0 (a reduction that
+    read before the decode's writes landed would see NaN)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(K, "POISON_PARTIALS", True)
+    D, B, H, G, R = 128, 16, 8, 4, 6
+    codec = LayerCodec(preset, D, B, device="cuda")
+    q, k, v = _seqs(R, 400, H, G, D, torch.bfloat16, seed=_seed("pdl", preset))
+    sims = {m: PagedSim(codec, H, num_blocks=512, num_slots=16, dtype=torch.bfloat16, device="cuda")
+            for m in ("0", "1")}
+    scale = D ** -0.5
+    for sim in sims.values():
+        sim.sink = None
+        sim.step(ref.forward_step, [(r, 150 + 37 * r) for r in range(R)], q, k, v, scale)
+
+    def op_for(mode):
+        def op(codec_, q_, k_, v_, cache, staging, plan, sc, sink=None):
+            monkeypatch.setenv("TQ_VLLM_PDL", mode)
+            ref.store_full_blocks(codec_, cache, staging, k_, v_, plan)
+            out = torch.full_like(q_, float("nan"))
+            K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, stage=True)
+            assert K.LAST_DECODE_LAUNCH["pdl"] == K.LAST_DECODE_LAUNCH["pdl_trigger"] == (mode == "1")
+            return out
+        return op
+
+    for _ in range(24):
+        reqs = [(r, 1) for r in range(R)]
+        got = sims["1"].step(op_for("1"), reqs, q, k, v, scale)
+        want = sims["0"].step(op_for("0"), reqs, q, k, v, scale)
+        for r in range(R):
+            assert not torch.isnan(got[r]).any() and torch.equal(got[r], want[r]), r
+        assert torch.equal(sims["1"].staging, sims["0"].staging)
 
 
 @pytest.mark.gpu

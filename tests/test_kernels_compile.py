@@ -120,6 +120,28 @@ def test_ki8_decode_compiles_to_integer_mma(pythonpath, tmp_path):
         assert mixes["1"]["stack"] == 0, mixes
 
 
+@pytest.mark.parametrize("pythonpath", [None, GPU_TRITON])
+def test_pdl_launch_compiles_with_grid_dependency_control(pythonpath, tmp_path):
+    """TQ_VLLM_PDL=1: the decode kernel triggers its dependents (griddepcontrol.launch_dependents) and the split
+    reduction waits for the decode grid (griddepcontrol.wait) before anything else; with 0 neither is there. Both
+    Tritons, the 4-warp (tq4) and the two-warp (tq3) launch."""
+    if pythonpath and not os.path.exists(os.path.join(pythonpath, "triton", "__init__.py")):
+        pytest.skip("the GPU's Triton is not installed beside the venv")
+    for pdl in ("0", "1"):
+        ptx = tmp_path / f"ptx{pdl}"
+        _compile(["--presets", "tq4,tq3", "--block", "32", "--kernels", "decode", "--ptx", str(ptx)],
+                 {"TQ_VLLM_PDL": pdl}, ["decode", "reduce"], tmp_path / pdl, pythonpath)
+        for preset in ("tq4", "tq3"):
+            dec = (ptx / f"{preset}_decode.ptx").read_text()
+            red = (ptx / f"{preset}_reduce.ptx").read_text()
+            assert ("griddepcontrol.launch_dependents" in dec) == (pdl == "1"), (preset, pdl)
+            assert ("griddepcontrol.wait" in red) == (pdl == "1"), (preset, pdl)
+            assert "griddepcontrol.wait" not in dec and "griddepcontrol.launch_dependents" not in red
+            if pdl == "1":  # the wait comes before the reduction's first global access
+                body = red[red.index("griddepcontrol.wait"):]
+                assert "ld.global" not in red[:red.index("griddepcontrol.wait")] and "ld.global" in body
+
+
 def _probe_model(cache, programs, n_tiles):
     """What `_probe_kernel` computes, element by element in torch: its byte addresses, the nibble of each lattice
     column, the asm's look-up as `lut.emulate` (held to the asm's PTX by test_kernels_lut.py), fp32 sums."""

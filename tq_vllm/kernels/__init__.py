@@ -102,6 +102,8 @@ _CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": 
 # bench_store.py, store_variants.jsonl "2026-11-27n"; 144 registers: no change); for codes of <= 4 bits without QJL
 # only (`_store_cfg`)
 _MAXNREG_DEFAULT = {"DECODE": 128, "STORE": 128}
+# the 4-warp decode launch where all its programs fit in one wave at this cap (`_one_wave_cfg`)
+ONEWAVE_MAXNREG = 168
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
 _PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
@@ -676,9 +678,10 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
     nd = meta.num_decode_rows
     if nd > 0:
         S, tile, cfg = meta.num_splits, meta.decode_tile, _cfg("DECODE")
-        w2 = False
+        w2 = narrow = False
         kwd = kw
         if meta.narrow_splits and _narrow_ok(kw, D, B):
+            narrow = True
             S, tile = meta.narrow_splits, NARROW_TILE
             cfg.update(narrow_cfg())
             kwd = {**kw, **_lut_modes(codec, query.device, kw["RK"], kw["RV"], NARROW_LUT4)}
@@ -686,10 +689,17 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             S, tile = meta.w2_splits, W2_TILE
             cfg.update(W2_CFG)
             w2 = True
+        nprog = nd * H * (S + 1)
+        one_wave = query.is_cuda and nprog <= num_sms(query.device.index or 0) * programs_per_sm(
+            cfg.get("maxnreg", 0), cfg["num_warps"])
+        if one_wave and not (w2 or narrow):
+            cfg.update(_one_wave_cfg(nprog, query.device))
+        pdl, pdl_trigger = _pdl(query, one_wave)
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         split_major = _split_major(w2)
         LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"], split_major=split_major,
+                                  maxnreg=cfg.get("maxnreg", 0), pdl=pdl, pdl_trigger=pdl_trigger,
                                   lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
@@ -711,7 +721,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
-            SPLIT_MAJOR=split_major,
+            SPLIT_MAJOR=split_major, PDLT=pdl_trigger,
             **qrot, **cfg, **kwd),
             fallbacks=(*no_fwht, {"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0},
                        {"num_warps": 8, "num_stages": 1}))
@@ -734,7 +744,8 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *stage_args), dict(
             H=H, G=G, GP=GP, D=D, DP=DP, S1P=next_pow2(S + 1), DC=DC, RB=rb, PM1=rpm1, INTERP=_interp(), **had,
             SC=max(1, next_pow2(S + 1) * DC // DP),
-            STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE")),
+            STAGE=stage, B=B, BP=next_pow2(B), USED=used, TPG=TP, SUBT=SUBT, **skw, **_cfg("REDUCE"),
+            **(dict(PDLW=True, launch_pdl=True) if pdl else {})),
             fallbacks=({"HAD": False, "LOGD": 0},) if had["HAD"] else ())
     if nd < R and prefill_mode(codec, query) == "fa":
         from .prefill import flash_attn_fn
@@ -938,6 +949,36 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
             a = ps.q0 - g0
             merge_into(o, lse_g[ps.group][:, a:a + (ps.q1 - ps.q0)], res, lse)
     return out
+
+
+def _pdl(query: torch.Tensor, one_wave: bool) -> tuple[bool, bool]:
+    """(launch the split reduction as a programmatic dependent of the decode launch, let the decode launch trigger
+    it at its start). As a dependent (CUDA's programmatic stream serialization) the reduction's launch overlaps the
+    decode's tail and its programs wait for the decode grid at `gdc_wait` before any global access; in a decode
+    launch of one wave the trigger (`gdc_launch_dependents`) lets them start at once (in larger ones they would take
+    slots the decode's later programs need). TQ_VLLM_PDL=auto (CUDA, Hopper and newer) | 0 | 1 (both, at any launch
+    size and without the device checks: tests, offline compiles)."""
+    mode = os.environ.get("TQ_VLLM_PDL", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"TQ_VLLM_PDL={mode!r}: choose auto, 0 or 1")
+    if mode == "0" or _interp() or _kmod("attention").gdc_wait is None:
+        return False, False
+    if mode == "1":
+        return True, True
+    on = query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+    return on, on and one_wave
+
+
+def _one_wave_cfg(nprog: int, device) -> dict:
+    """The 4-warp decode launch's register cap where its programs fit in one wave even at the higher cap (occupancy
+    does not matter there, spills do): TQ_VLLM_DECODE_ONEWAVE_MAXNREG (default ONEWAVE_MAXNREG; 0 keeps the cap).
+    An explicit TQ_VLLM_DECODE_MAXNREG wins."""
+    nreg = int(os.environ.get("TQ_VLLM_DECODE_ONEWAVE_MAXNREG", ONEWAVE_MAXNREG))
+    if not nreg or "TQ_VLLM_DECODE_MAXNREG" in os.environ:
+        return {}
+    if nprog > num_sms(device.index or 0) * programs_per_sm(nreg, 4):
+        return {}
+    return dict(maxnreg=nreg)
 
 
 def _k8_modes(codec, kw: dict) -> dict:

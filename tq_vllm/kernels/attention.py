@@ -32,6 +32,11 @@ from .lut import GRID_OFFSET
 from .hadamard import _fwht
 from .store import _sink_commit, _stage_row
 
+try:  # programmatic dependent launch (Hopper+); constexpr-gated, never traced where absent
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - a Triton without grid dependency control
+    gdc_launch_dependents = gdc_wait = None
+
 LOG2E = 1.4426950408889634
 GOFF: tl.constexpr = tl.constexpr(GRID_OFFSET)  # the 4-bit asm's fp16 of a grid code = GOFF + (u - 63.5)
 
@@ -333,8 +338,12 @@ def _tq_attn_kernel(
     H1J: tl.constexpr = 1, KDEL: tl.constexpr = 1.0, VDEL: tl.constexpr = 1.0, LZ: tl.constexpr = 0,
     KSG: tl.constexpr = False, VSG: tl.constexpr = False, USED: tl.constexpr = False, QDC: tl.constexpr = 32,
     HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SPLIT_MAJOR: tl.constexpr = False, KI8: tl.constexpr = False,
-    K8ASM: tl.constexpr = None, K8DEL: tl.constexpr = 1.0,
+    K8ASM: tl.constexpr = None, K8DEL: tl.constexpr = 1.0, PDLT: tl.constexpr = False,
 ):
+    if PDLT:
+        # (one-wave launches: the split reduction, launched as a programmatic dependent, may start now and waits
+        # at its gdc_wait for this whole grid and its writes)
+        gdc_launch_dependents()
     i = tl.program_id(0)
     j = tl.program_id(1)
     z = tl.program_id(2)
@@ -779,7 +788,8 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
                       INTERP: tl.constexpr = False, STAGE: tl.constexpr = False, B: tl.constexpr = 16,
                       BP: tl.constexpr = 16, COMMIT: tl.constexpr = False, CH: tl.constexpr = 16,
                       USED: tl.constexpr = False, TPG: tl.constexpr = 1, SUBT: tl.constexpr = 1,
-                      HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SC: tl.constexpr = 1):
+                      HAD: tl.constexpr = False, LOGD: tl.constexpr = 0, SC: tl.constexpr = 1,
+                      PDLW: tl.constexpr = False):
     """Log-sum-exp merge of the split partials of RB decode rows of one KV head (grid (cdiv(nd, RB), H)): partials
     0..NS1-2 (pages, rotated domain) are summed and rotated back by Π once; partial NS1-1 (the exact own block) is
     already unrotated. The RB rows' GP heads are the RG = RB*GP columns of one product with Π (Π read once).
@@ -791,7 +801,11 @@ def _tq_reduce_kernel(PO, PML, PI, QSL, OUT, row0, nd, s_ot, s_oh, NS1, rsd,
     USED: only the page partials a row's context reaches are read (`_used_splits`; the decode launch with USED
     writes no others). In CUDA graphs the split count comes from max_model_len, so most are empty at short contexts.
     HAD (Π = H·diag(s)/√D, `DeviceTables.had`): the page partials are summed SC splits at a time over the whole
-    head dim, then rotated back by a Walsh-Hadamard transform and the signs of PI's row 0 (times rsd = 1/√D)."""
+    head dim, then rotated back by a Walsh-Hadamard transform and the signs of PI's row 0 (times rsd = 1/√D).
+    PDLW: launched as a programmatic dependent of the decode launch: wait for it (and its writes) before any global
+    access (the staging copy overwrites slots the decode reads)."""
+    if PDLW:
+        gdc_wait()
     h = tl.program_id(1)
     if STAGE:
         if COMMIT:
