@@ -746,8 +746,7 @@ def test_narrow_decode_launch_matches_reference(D, B, G, monkeypatch):
         copy.deepcopy(base).step(_split_attention_op(H, G, 3, nsplit, narrow=True), [(0, 1), (1, 1), (2, 1)], q, k,
                                  v, scale)
         assert K.LAST_DECODE_LAUNCH == dict(splits=nsplit, tile=K.NARROW_TILE, num_warps=1, lut4=K.NARROW_LUT4,
-                                            split_major=False, ki8=False, maxnreg=0, pdl=False,
-                                            pdl_trigger=False)
+                                            split_major=False, ki8=False, maxnreg=0, pdl=False)
     # the 4-warp launch of the same step takes the signed form (each form is checked against the reference)
     K.LAST_DECODE_LAUNCH.clear()
     copy.deepcopy(base).step(_split_attention_op(H, G, 3, 3), [(0, 1), (1, 1), (2, 1)], q, k, v, scale)
@@ -810,8 +809,8 @@ def test_split_major_grid_order(launch, monkeypatch):
 def test_one_wave_register_cap_and_pdl_choice(monkeypatch):
     """The 4-warp decode's register cap rises to ONEWAVE_MAXNREG only while its programs fit in one wave at that cap
     (at the edge and one program past it), never over an explicit TQ_VLLM_DECODE_MAXNREG or with the knob at 0; the
-    programmatic dependent launch: off in the interpreter and for CPU tensors, both parts with TQ_VLLM_PDL=1, and a
-    bad value refused."""
+    programmatic dependent launch: off in the interpreter and for CPU tensors, on with TQ_VLLM_PDL=1 even past one
+    wave, off with 0, and a bad value refused."""
     from tq_vllm.kernels.params import programs_per_sm
     monkeypatch.setattr(K, "num_sms", lambda index=0: 132)
     for k in ("TQ_VLLM_DECODE_MAXNREG", "TQ_VLLM_DECODE_ONEWAVE_MAXNREG", "TQ_VLLM_PDL"):
@@ -829,13 +828,13 @@ def test_one_wave_register_cap_and_pdl_choice(monkeypatch):
     monkeypatch.setenv("TQ_VLLM_DECODE_MAXNREG", "128")
     assert K._one_wave_cfg(8, dev) == {}
     q = torch.zeros(1, 4, 64)
-    assert K._pdl(q, True) == (False, False)  # (the interpreter, when it runs the kernels)
+    assert not K._pdl(q, True)  # (the interpreter, when it runs the kernels)
     monkeypatch.setattr(K, "_interp", lambda: False)
-    assert K._pdl(q, True) == (False, False)  # a CPU tensor
+    assert not K._pdl(q, True)  # a CPU tensor
     monkeypatch.setenv("TQ_VLLM_PDL", "1")
-    assert K._pdl(q, False) == (True, True)
+    assert K._pdl(q, False)
     monkeypatch.setenv("TQ_VLLM_PDL", "0")
-    assert K._pdl(q, True) == (False, False)
+    assert not K._pdl(q, True)
     monkeypatch.setenv("TQ_VLLM_PDL", "yes")
     with pytest.raises(ValueError, match="TQ_VLLM_PDL"):
         K._pdl(q, True)
@@ -1230,7 +1229,7 @@ def test_gpu_pdl_reduction_waits_for_the_decode(preset, monkeypatch):
             ref.store_full_blocks(codec_, cache, staging, k_, v_, plan)
             out = torch.full_like(q_, float("nan"))
             K.paged_attention(codec_, q_, k_, v_, cache, staging, plan, sc, out=out, stage=True)
-            assert K.LAST_DECODE_LAUNCH["pdl"] == K.LAST_DECODE_LAUNCH["pdl_trigger"] == (mode == "1")
+            assert K.LAST_DECODE_LAUNCH["pdl"] == (mode == "1")
             return out
         return op
 

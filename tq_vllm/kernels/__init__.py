@@ -694,12 +694,12 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             cfg.get("maxnreg", 0), cfg["num_warps"])
         if one_wave and not (w2 or narrow):
             cfg.update(_one_wave_cfg(nprog, query.device))
-        pdl, pdl_trigger = _pdl(query, one_wave)
+        pdl = _pdl(query, one_wave)
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         split_major = _split_major(w2)
         LAST_DECODE_LAUNCH.update(splits=S, tile=tile, num_warps=cfg["num_warps"], split_major=split_major,
-                                  maxnreg=cfg.get("maxnreg", 0), pdl=pdl, pdl_trigger=pdl_trigger,
+                                  maxnreg=cfg.get("maxnreg", 0), pdl=pdl,
                                   lut4=("signed" if kwd.get("KSG") or kwd.get("VSG") else "offset")
                                   if 1 in (kwd["KMODE"], kwd["VMODE"]) else None)
         BP, BPS, TP, SUBT = _tile_cfg(B, tile)
@@ -721,7 +721,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             *common, po, pml, out, skv, stag, 0, sm_log2, rsd, nsink, S, *sst, *strides), dict(
             H=H, G=G, GP=GP, QT=1, D=D, DP=DP, B=B, BPS=BPS, TP=TP, SUBT=SUBT, NE=BP, FUSED=False,
             DC=DC, M=GP, NR=TP * BPS, INTERP=_interp(), PM1=pm1, LZ=_lz("DECODE", kwd), USED=used,
-            SPLIT_MAJOR=split_major, PDLT=pdl_trigger,
+            SPLIT_MAJOR=split_major, PDLT=pdl,
             **qrot, **cfg, **kwd),
             fallbacks=(*no_fwht, {"num_stages": 1}, {"num_stages": 1, "KMODE": 0, "VMODE": 0},
                        {"num_warps": 8, "num_stages": 1}))
@@ -951,22 +951,23 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
     return out
 
 
-def _pdl(query: torch.Tensor, one_wave: bool) -> tuple[bool, bool]:
-    """(launch the split reduction as a programmatic dependent of the decode launch, let the decode launch trigger
-    it at its start). As a dependent (CUDA's programmatic stream serialization) the reduction's launch overlaps the
-    decode's tail and its programs wait for the decode grid at `gdc_wait` before any global access; in a decode
-    launch of one wave the trigger (`gdc_launch_dependents`) lets them start at once (in larger ones they would take
-    slots the decode's later programs need). TQ_VLLM_PDL=auto (CUDA, Hopper and newer) | 0 | 1 (both, at any launch
-    size and without the device checks: tests, offline compiles)."""
+def _pdl(query: torch.Tensor, one_wave: bool) -> bool:
+    """Whether the split reduction is launched as a programmatic dependent of the decode launch (CUDA's programmatic
+    stream serialization), which triggers it at its start (`gdc_launch_dependents`): the reduction's programs are
+    resident when the decode ends and wait at `gdc_wait` for the decode grid and its writes before any global
+    access. Only for decode launches of one wave: in larger ones the waiting programs take slots the decode's later
+    programs need (4 x 1K at 32 splits, 1,056 programs: 0.0201 -> 0.0251 ms), and without the early trigger the
+    dependent launch alone was 1.5 % slower (H200, benchmarks.md "2026-11-29 (fifth session)").
+    TQ_VLLM_PDL=auto (CUDA, Hopper and newer, one wave) | 0 | 1 (at any launch size and without the device checks:
+    tests, offline compiles)."""
     mode = os.environ.get("TQ_VLLM_PDL", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_PDL={mode!r}: choose auto, 0 or 1")
     if mode == "0" or _interp() or _kmod("attention").gdc_wait is None:
-        return False, False
+        return False
     if mode == "1":
-        return True, True
-    on = query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
-    return on, on and one_wave
+        return True
+    return one_wave and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
 
 
 def _one_wave_cfg(nprog: int, device) -> dict:
