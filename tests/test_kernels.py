@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import zlib
 
@@ -211,7 +212,10 @@ def _check_store(preset, D, B):
 
 
 def test_store_special_values():
-    """Zero vectors code to scale 0 (decode to zeros); any NaN/Inf to scale NaN (decode to NaN), like the reference."""
+    """Zero vectors code to scale 0 (decode to zeros); any NaN/Inf to scale NaN (decode to NaN), like the reference;
+    a NaN as a row's only non-finite element, rows of +-Inf, a row whose norm overflows; and the robust norm's
+    range: a row with one element near the bf16 maximum (its squares overflow fp32) and a row of 1e-30 (its squares
+    underflow) code as the reference does (byte-identical in the interpreter)."""
     D, B, H = 64, 16, 2
     codec = LayerCodec("tq4", D, B, device=DEV)
     C = codec.layout.bytes_per_token
@@ -221,6 +225,14 @@ def test_store_special_values():
     v[5, 0] = 0
     v[7, 1, 3] = float("nan")
     k[2, 0, 9] = float("inf")
+    v[8, 0] = float("inf")
+    v[9, 0] = float("inf")
+    v[9, 0, ::2] = -float("inf")
+    v[10, 0] = 3e38  # the norm overflows: not finite
+    v[11, 0, 5] = 3e38  # one huge element: finite
+    v[12, 0] = v[12, 0] * 1e-30
+    v[13, 1, 4] = -float("inf")
+    v[14, 1] = float("nan")
     bt = torch.tensor([[2]], dtype=torch.int32, device=DEV)
     plan = make_step_plan(torch.tensor([0, B]), torch.tensor([B]), bt, B, StagingAllocator(1), device=DEV)
     cache = torch.randint(0, 256, (3, H, B, C), dtype=torch.uint8, device=DEV)
@@ -230,6 +242,10 @@ def test_store_special_values():
     K.store_blocks(codec, b, staging, k, v, plan, force="triton")
     kd, vd = codec.dequantize_pages(b, torch.tensor([2], device=DEV))
     assert torch.isnan(vd[0, 7, 1]).all() and torch.isfinite(vd[0, 6, 1]).all()
+    for t, h in ((8, 0), (9, 0), (10, 0), (13, 1), (14, 1)):
+        assert torch.isnan(vd[0, t, h]).all(), (t, h)
+    assert torch.isfinite(vd[0, 11, 0]).all() and vd[0, 11, 0].abs().max() > 1e37
+    assert torch.isfinite(vd[0, 12, 0]).all() and 0 < vd[0, 12, 0].abs().max() < 1e-28
     assert torch.isnan(kd[0, :, 0]).all()  # the Inf key poisons its block mean -> whole (block, head) NaN
     assert torch.isfinite(kd[0, :, 1]).all()
     assert torch.equal(vd[0, 5, 0], torch.zeros_like(vd[0, 5, 0]))
@@ -522,19 +538,74 @@ def test_sym_codes_at_exact_boundaries():
     assert len(seen) >= 3
 
 
-def _run_ptx(asm: str, operands: dict) -> dict:
-    """A model of the store's straight-line PTX blocks (store._COUNT15_ASM, store._sym_count_asm): registers hold
-    32-bit patterns; operands {"$1": float32, ...}; immediates 0fXXXXXXXX (float32 bits) or integers. Returns the
-    registers."""
+def test_store_scaled_rows_norm_and_finiteness():
+    """store._scaled_rows (the store's robust norm, in place of an fp32 division per element): yn = y·ysc·2^k exactly
+    (yn·2^-k reproduces fl(y·ysc) wherever yn is normal), max |yn| in [1, 2) for rows of normal maxima below 2^100,
+    Σ yn² finite exactly where the row is (a NaN as the only non-finite element, +-Inf, NaN rows, rows mixing both)
+    and sqrt(Σ yn²)·2^-k = codec.robust_norm (fp32 rounding) for finite rows from the denormal range to the fp32
+    maximum, zero rows included."""
+    import importlib
+    import sys
+
+    from tq_vllm.quant.codec import robust_norm
+    K._kmod("store")
+    mod = importlib.reload(sys.modules["scaled_rows_kernel"]) if "scaled_rows_kernel" in sys.modules else \
+        importlib.import_module("scaled_rows_kernel")
+    g = torch.Generator().manual_seed(_seed("scaled_rows"))
+    T, DP = 16, 32
+    y = torch.randn(T, DP, generator=g)
+    y[1] = 0
+    y[2, 3] = float("nan")
+    y[3] = float("inf")
+    y[4, ::2] = -float("inf")
+    y[5] = float("nan")
+    y[6] *= 1e30
+    y[7] *= 1e-30
+    y[8] = torch.full((DP,), 3.4e38)  # the norm overflows: Σ yn² stays finite, the norm does not
+    y[9, 7] = -3.4e38
+    y[10] = torch.randn(DP, generator=g) * 1e-40  # denormals
+    y[11, 0] = 1e-45  # one denormal, the rest 0
+    y[11, 1:] = 0
+    y[12, 5] = float("inf")
+    y[12, 6] = float("nan")
+    for ysc in (1.0, 0.125, 2 ** -0.5):
+        yn, s, ip = (torch.empty_like(y), torch.empty(T), torch.empty(T))
+        out = [t.to(DEV) for t in (yn, s, ip)]
+        mod.scaled_rows_kernel[(1,)](y.to(DEV), *out, ysc, T=T, DP=DP)
+        yn, s, ip = (t.cpu() for t in out)
+        fin = torch.isfinite(y).all(-1)
+        assert torch.equal(torch.isfinite(s), fin), (ysc, s)
+        ys = (y * torch.tensor(ysc, dtype=torch.float32))[fin]  # (the kernel's fp32 ysc)
+        # exact power-of-two scaling (where yn is normal: an element 2^126 below its row's max may round)
+        nz = yn[fin].abs() >= 2 ** -126
+        assert torch.equal((yn[fin] * ip[fin, None])[nz], ys[nz]), ysc
+        mx = yn[fin].abs().amax(-1)
+        normal = (ys.abs().amax(-1) >= 2 ** -126) & (ys.abs().amax(-1) < 2.0 ** 100)
+        assert bool(((mx >= 1) & (mx < 2))[normal].all()) and bool((mx < 2 ** 28).all()), mx
+        want = robust_norm(ys)
+        got = s[fin].sqrt() * ip[fin]
+        rel = ((got - want).abs() / want.clamp_min(1e-45))[torch.isfinite(want) & (want > 0)]
+        assert rel.max() < 4e-7, rel.max()
+        assert torch.equal(got == 0, want == 0) and torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+def _run_ptx(asm: str, operands: dict, memory: dict | None = None) -> dict:
+    """A model of the store's straight-line PTX blocks (store._COUNT15_ASM, store._sym_count_asm,
+    store.sym_code_cen_asm, store.cell_code_cen_asm, store.st_asm): registers hold 32-bit patterns (64-bit ones for
+    addresses); operands {"$1": float32 or ("int", value), ...}; immediates 0fXXXXXXXX (float32 bits) or integers;
+    `memory` {byte address: byte} for loads and stores; a predicate guard @p / @!p. Returns the registers."""
     import numpy as np
 
     def bits(x):
+        if isinstance(x, tuple):
+            return x[1]
         return int(np.float32(x).view(np.uint32))
 
     def f(b):
-        return np.uint32(b).view(np.float32)
+        return np.uint32(b & 0xFFFFFFFF).view(np.float32)
 
     regs = {k: bits(v) for k, v in operands.items()}
+    mem = memory if memory is not None else {}
 
     def val(x):
         if x in regs:
@@ -543,14 +614,51 @@ def _run_ptx(asm: str, operands: dict) -> dict:
             return int(x[2:], 16)
         return int(x, 0) & 0xFFFFFFFF
 
+    def load(addr, n):
+        return sum(mem[addr + i] << (8 * i) for i in range(n))
+
+    def rz(x64):  # float64 -> float32 rounded toward zero
+        r = np.float32(x64)
+        if abs(float(r)) > abs(x64):
+            r = np.nextafter(r, np.float32(0), dtype=np.float32)
+        return r
+
     body = asm.strip().lstrip("{").rstrip("}")
     for line in body.split(";"):
         line = line.strip()
         if not line or line.startswith(".reg"):
             continue
+        if line.startswith("@"):
+            guard, line = line.split(None, 1)
+            want = not guard.startswith("@!")
+            if bool(regs[guard.lstrip("@!")]) != want:
+                continue
         op, rest = line.split(None, 1)
+        if op.startswith("ld.global.nc"):
+            dst, addr = rest.split("[")
+            a = regs[addr.rstrip("]").strip()]
+            names = [x.strip() for x in dst.strip().rstrip(",").strip("{} ").split(",")]
+            for i, n in enumerate(names):
+                regs[n] = load(a + 4 * i, 4)
+            continue
+        if op.startswith("st.global.b"):
+            addr, src = rest.split("]")
+            n = int(op[len("st.global.b"):]) // 8
+            v = val(src.strip().lstrip(",").strip())
+            for i in range(n):
+                mem[regs[addr.strip().lstrip("[")] + i] = (v >> (8 * i)) & 0xFF
+            continue
         d, *src = [x.strip() for x in rest.split(",")]
         v = [val(x) for x in src]
+        if op == "mul.wide.u32":
+            regs[d] = v[0] * v[1]
+            continue
+        if op == "add.s64":
+            regs[d] = (v[0] + v[1]) & 0xFFFFFFFFFFFFFFFF
+            continue
+        if op == "setp.ne.b32":
+            regs[d] = int(v[0] != v[1])
+            continue
         if op == "set.gt.f32.f32":
             r = bits(1.0) if f(v[0]) > f(v[1]) else 0
         elif op == "add.f32":
@@ -559,8 +667,8 @@ def _run_ptx(asm: str, operands: dict) -> dict:
             r = bits(f(v[0]) - f(v[1]))
         elif op == "fma.rn.f32":  # (the model's operands are small integers: exact either way)
             r = bits(np.float32(np.float64(f(v[0])) * np.float64(f(v[1])) + np.float64(f(v[2]))))
-        elif op == "cvt.rzi.s32.f32":
-            r = int(np.trunc(f(v[0]))) & 0xFFFFFFFF
+        elif op == "cvt.rzi.s32.f32":  # (PTX: NaN converts to 0)
+            r = 0 if np.isnan(f(v[0])) else int(np.trunc(f(v[0]))) & 0xFFFFFFFF
         elif op == "and.b32":
             r = v[0] & v[1]
         elif op == "shr.u32":
@@ -577,6 +685,12 @@ def _run_ptx(asm: str, operands: dict) -> dict:
             r = 0xFFFFFFFF if f(v[0]) <= f(v[1]) else 0
         elif op == "xor.b32":
             r = v[0] ^ v[1]
+        elif op == "abs.f32":
+            r = v[0] & 0x7FFFFFFF
+        elif op == "shl.b32":
+            r = (v[0] << v[1]) & 0xFFFFFFFF
+        elif op == "fma.rz.f32":  # exact in float64 for the cell index (u times a power of two, plus a small integer)
+            r = bits(rz(float(f(v[0])) * float(f(v[1])) + float(f(v[2]))))
         elif op == "prmt.b32":  # default mode: output byte i = byte (selector nibble i & 7) of {b, a}; bit 3 of
             pool = v[0] | (v[1] << 32)  # the nibble replicates that byte's sign bit
             r = 0
@@ -624,8 +738,8 @@ def test_store_count15_asm_matches_boundary_count():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_store_sym_count_asm_matches_boundary_count(bits):
-    """The store's code from |u| as one asm block (store._sym_count_asm; TQ_VLLM_STORE_CMP=3, the default on the
-    GPU, at 4 bits) through the PTX model: #{boundaries < u} for every preset's symmetric codebooks of `bits` bits
+    """The store's code from |u| as one asm block (store._sym_count_asm; TQ_VLLM_STORE_CMP=3, on the GPU at 4 bits)
+    through the PTX model: #{boundaries < u} for every preset's symmetric codebooks of `bits` bits
     (operands: the upper half of the boundaries), at each boundary, one ulp either side, +-0 and random u."""
     import numpy as np
     from tq_vllm.kernels.params import symmetric_codebook
@@ -678,19 +792,142 @@ def test_store_sym_cen_asm_matches_codebook():
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset,D,B", [("tq4", 128, 32), ("tq35", 128, 16), ("tq4", 64, 16)])
 def test_gpu_store_cen_asm(preset, D, B, monkeypatch):
-    """TQ_VLLM_STORE_CEN=1 on the GPU (the centroid from the code's asm block): pages equal the reference's."""
+    """TQ_VLLM_STORE_CEN=1 on the GPU (the centroid from the code's asm block, under STORE_CMP=3): pages equal the
+    reference's."""
+    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "3")
     monkeypatch.setenv("TQ_VLLM_STORE_CEN", "1")
     _check_store(preset, D, B)
 
 
+def _code_cen_cases(b, g, n=256):
+    """u at each boundary, one ulp either side, +-0, +-1, one ulp past 1, NaN, denormals and n random values in
+    [-1, 1]."""
+    import numpy as np
+    return _edge_values(b, g, 0) + [1.0, -1.0, float(np.nextafter(np.float32(1), np.float32(2))), float("nan"),
+                                    1e-40, -1e-40, 1e-45, -1e-45] + (
+        torch.rand(n, generator=g) * 2 - 1).tolist()
+
+
+def _codebooks(bits_max=4):
+    """{(bits, boundaries): centroids} of every preset's codebooks of <= bits_max bits at head_dim 64, 96, 128, 256."""
+    books = {}
+    for name in PRESETS:
+        for D in (64, 96, 128, 256):
+            codec = LayerCodec(name, D, 16)
+            for k in ("k", "v", "k_mean", "v_mean"):
+                b, c = codec.bounds[k].float(), codec.centroids[k].float()
+                if b.numel() <= (1 << bits_max) - 1:
+                    books[tuple(b.tolist())] = c
+    return books
+
+
+def _want_code_cen(b, c, u):
+    """torch.bucketize's code of u (right=False) and its centroid's bits; NaN codes as 0 (encode_dir's u of a row
+    that is not finite)."""
+    import numpy as np
+    uu = np.float32(0.0 if u != u else u)
+    code = int(np.searchsorted(np.asarray(b, np.float32), uu, side="left"))
+    return code, int(c.numpy().view(np.uint32)[code])
+
+
+def test_store_cell_table_asm_matches_bucketize():
+    """The default GPU code path (TQ_VLLM_STORE_CMP=5, store.cell_table + store.cell_code_cen_asm) through the PTX
+    model, for every preset's codebooks of <= 4 bits at four head dims: the code is #{boundaries < u} and the
+    centroid bit-exactly c[code], at each boundary, one ulp either side, +-0, +-1, one ulp past 1, NaN (codes as u =
+    0) and random u; cell edges are exact (u·κ + κ + 2 rounded toward zero). 8-bit codebooks have no table."""
+    import numpy as np
+    from tq_vllm.kernels.store import CELL_MAX_ENTRIES, cell_code_cen_asm, cell_table
+    asm = cell_code_cen_asm()
+    g = torch.Generator().manual_seed(_seed("cell_table"))
+    books = _codebooks()
+    assert len(books) >= 10
+    # and a codebook with boundaries one ulp below and at cell edges (of κ = 4): where u·κ + κ + 2 rounded to
+    # nearest would land in the next cell
+    edge = [np.float32(e) for e in (-0.5, -0.25, 0.0, 0.25, 0.5)]
+    syn = sorted({float(np.nextafter(e, np.float32(-1))) for e in edge[1::2]} | {float(e) for e in edge[::2]})
+    books[tuple(syn)] = torch.linspace(-0.7, 0.7, len(syn) + 1)
+    for b, c in books.items():
+        words = cell_table(b)
+        assert words is not None and 8 <= len(words) <= 2 * CELL_MAX_ENTRIES + 2, len(b)
+        kap = float(np.uint32(words[0]).view(np.float32))
+        assert kap == 2 ** round(math.log2(kap)) and float(np.uint32(words[1]).view(np.float32)) == kap + 2
+        base, cbase = 1 << 20, 1 << 24
+        mem = {base + i: (w >> (8 * (i % 4))) & 0xFF for k, w in enumerate(words[2:]) for i in range(4 * k, 4 * k + 4)}
+        mem.update({cbase + 4 * k + i: (int(x) >> (8 * i)) & 0xFF for k, x in enumerate(c.numpy().view(np.uint32))
+                    for i in range(4)})
+        edges = [(j - kap - 2) / kap for j in range(1, len(words) // 2)]
+        us = _code_cen_cases(b, g) + edges + [float(np.nextafter(np.float32(e), np.float32(-2))) for e in edges]
+        for u in us:
+            if abs(u) > 1 + 1 / kap:
+                continue
+            regs = _run_ptx(asm, {"$2": u, "$3": ("int", base), "$4": ("int", cbase), "$5": kap, "$6": kap + 2},
+                            mem)
+            assert (regs["$0"], regs["$1"]) == _want_code_cen(b, c, u), (b, u)
+    big = LayerCodec("tq8", 128, 16)
+    assert cell_table(big.bounds["k"].tolist()) is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_store_sym_code_cen_asm_matches_bucketize(bits):
+    """TQ_VLLM_STORE_CMP=4 on the GPU (store.sym_code_cen_asm: the code of a symmetric codebook from |u| by FSETs
+    summed as integers, its centroid a load) through the PTX model: code #{boundaries < u} and centroid c[code], at
+    each boundary, one ulp either side, +-0, +-1, NaN and random u, for every preset's symmetric codebooks."""
+    import numpy as np
+    from tq_vllm.kernels.params import symmetric_codebook
+    from tq_vllm.kernels.store import sym_code_cen_asm
+    asm = sym_code_cen_asm(bits)
+    mid = (1 << bits) // 2 - 1
+    g = torch.Generator().manual_seed(_seed(f"sym_code_cen{bits}"))
+    books = {b: c for b, c in _codebooks().items()
+             if len(b) == (1 << bits) - 1 and symmetric_codebook(torch.tensor(b), c)}
+    assert books
+    for b, c in books.items():
+        cbase = 1 << 24
+        mem = {cbase + 4 * k + i: (int(x) >> (8 * i)) & 0xFF for k, x in enumerate(c.numpy().view(np.uint32))
+               for i in range(4)}
+        for u in _code_cen_cases(b, g):
+            ops = {"$2": u, "$3": ("int", cbase), **{f"${k + 4}": t for k, t in enumerate(b[mid + 1:])}}
+            regs = _run_ptx(asm, ops, mem)
+            assert (regs["$0"], regs["$1"]) == _want_code_cen(b, c, u), (b, u)
+
+
+@pytest.mark.parametrize("nbits", [8, 16, 32])
+def test_store_direct_st_asm(nbits):
+    """store.st_asm (the GPU's plane stores from each thread's registers): the low nbits of $2 at $1 where $3 != 0,
+    nothing where it is 0."""
+    from tq_vllm.kernels.store import st_asm
+    asm = st_asm(nbits)
+    for mask in (1, 0, -1):
+        mem = {}
+        _run_ptx(asm, {"$1": ("int", 4096), "$2": ("int", 0x89ABCDEF), "$3": ("int", mask & 0xFFFFFFFF)}, mem)
+        want = {4096 + i: (0x89ABCDEF >> (8 * i)) & 0xFF for i in range(nbits // 8)} if mask else {}
+        assert mem == want
+
+
+@pytest.mark.parametrize("preset,env", [("tq3", {"TQ_VLLM_STORE_PERM": "0"}), ("tq4", {"TQ_VLLM_STORE_PACK8": "0"}),
+                                        ("tq25", {"TQ_VLLM_STORE_PERM": "0", "TQ_VLLM_STORE_PACK8": "0"})])
+def test_store_layout_knobs_match_reference(preset, env, monkeypatch):
+    """The store's previous column order (TQ_VLLM_STORE_PERM=0: the rotation's product in Π's row order) and byte
+    packing (TQ_VLLM_STORE_PACK8=0: bytes built code by code) still give the reference's pages."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _check_store(preset, 64, 32)
+
+
 def test_store_cmp_mode_refused(monkeypatch):
-    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "4")
+    monkeypatch.setenv("TQ_VLLM_STORE_CMP", "6")
     with pytest.raises(ValueError, match="TQ_VLLM_STORE_CMP"):
         _check_store_codec(LayerCodec("tq4", 64, 16, device=DEV))
     monkeypatch.setenv("TQ_VLLM_STORE_CMP", "3")
     monkeypatch.setenv("TQ_VLLM_STORE_CEN", "2")
     with pytest.raises(ValueError, match="TQ_VLLM_STORE_CEN"):
         _check_store_codec(LayerCodec("tq4", 64, 16, device=DEV))
+    monkeypatch.delenv("TQ_VLLM_STORE_CEN")
+    for knob in ("TQ_VLLM_STORE_PERM", "TQ_VLLM_STORE_PACK8"):
+        monkeypatch.setenv(knob, "yes")
+        with pytest.raises(ValueError, match=knob):
+            _check_store_codec(LayerCodec("tq4", 64, 16, device=DEV))
+        monkeypatch.delenv(knob)
 
 
 def test_store_register_cap_by_codes(monkeypatch):

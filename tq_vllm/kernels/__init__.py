@@ -54,15 +54,30 @@ STORE_RDC = 128
 # store_variants.jsonl "2026-11-27t". TQ_VLLM_STORE_SYM=0 turns it off, =1 uses it up to 4 bits; with
 # TQ_VLLM_STORE_CMP=3 (the default) auto covers 4 bits too, coded in asm (store._sym_count_asm), not by these selects.
 STORE_SYM_MAX_BITS = 3
-# TQ_VLLM_STORE_CMP's default (the interpreter counts in Triton): 3 = the code of a symmetric 4-bit codebook from |u|
-# as one asm block (store._sym_count_asm: 7 comparisons, not 15; its centroid still a gather): 16K-token chunk tq4
-# 199.0 -> 188.7 us, tq35 213.9 -> 209.3, a decode step completing 64 blocks tq4 28.1 -> 26.5 (H200, 2026-11-29,
-# store_variants.jsonl "2026-11-29"); 2 = all 15 boundaries counted by one asm block (store._count15): tq4 247.0 ->
-# 199.8 us against the comparisons in Triton (1; H200, 2026-11-27, "2026-11-27t")
-STORE_CMP = "3"
+# TQ_VLLM_STORE_CMP's default (the interpreter counts in Triton): 5 = the code of any codebook of <= 4 bits and its
+# centroid from a cell table (store.cell_table, store.cell_code_cen_asm: one fma, one conversion, two loads, one
+# FSET, 8 instructions per element; 8-bit codebooks have no table and count as 4 does). With the changes beside it
+# (the robust norm by powers of two, the product's columns permuted, codes packed 8 to a word, a block's fields as
+# scalars) the store's SASS (sm_90, Triton 3.6, block 32) went from 5,552 to 2,744 instructions (tq4) and 5,960 to
+# 2,888 (tq3), and on an H200 the 16K-token chunk from 189.9 to 111.0 us (tq4), 185.9 to 109.8 (tq3), a decode step
+# completing 64 blocks from 26.6 to 16.6 us (2 blocks: 11.5 to 7.5); the same tree with STORE_CMP=3 PERM=0
+# PACK8=0: 151.5 us, with CMP=3 alone 130.9, without PERM 120.0, without PACK8 111.9 (2026-11-29, store_variants.jsonl
+# "2026-11-29s"). 4 = a symmetric codebook's code from |u| by FSETs summed as integers and its centroid loaded
+# (store.sym_code_cen_asm; 17 per element): chunk tq4 110.1, tq3 105.5 us, 64 blocks 18.0 / 17.2. 3 = the code of a
+# symmetric 4-bit codebook from |u| as one asm block (store._sym_count_asm: 7 comparisons, not 15; its centroid a
+# Triton gather): 16K-token chunk tq4 199.0 -> 188.7 us, tq35 213.9 -> 209.3, a decode step completing 64 blocks tq4
+# 28.1 -> 26.5 (H200, 2026-11-29, store_variants.jsonl "2026-11-29"); 2 = all 15 boundaries counted by one asm block
+# (store._count15): tq4 247.0 -> 199.8 us against the comparisons in Triton (1; H200, 2026-11-27, "2026-11-27t")
+STORE_CMP = "5"
 # TQ_VLLM_STORE_CEN's default: under STORE_CMP=3 the centroid of a symmetric 4-bit code from the same asm block as the
 # code (store.sym_cen_asm4: byte permutes of the codebook's upper half, no table gather), "0" gathers it
 STORE_CEN = "0"
+# TQ_VLLM_STORE_PERM's default: the store's rotation product with Π's rows loaded in the order that puts each
+# thread's accumulator columns at consecutive dims (store._mma_cols), so a byte of codes packs within a thread
+STORE_PERM = "1"
+# TQ_VLLM_STORE_PACK8's default: the store packs 8 codes (<= 4 bits) into a word and compresses each bit plane out of
+# it (store._put_codes) instead of building bytes code by code
+STORE_PACK8 = "1"
 DECODE_NARROW = "0"  # TQ_VLLM_DECODE_NARROW's default (prepare)
 # decode rows below which the query rotation is one pass over head_dim (`_qrot_chunk`): 1 x 1K tq4 0.0164 -> 0.0148
 # ms, tq3 0.0204 -> 0.0183, 1 x 32K 0.0373 -> 0.0354; at 32 x 32K tq3 2 % slower, tq4 equal (H200, 2026-11-29,
@@ -461,6 +476,32 @@ def _cen_asm(codec: LayerCodec, kind: str) -> str:
     return cache[kind]
 
 
+def _pack8_ok(kw: dict, DP: int) -> bool:
+    """store._put_codes' PACK8 is possible: whole groups of 8 dims, and each code plane of codes of <= 4 bits (width W
+    bits: W-byte elements of 8 codes) and every head page aligned to them (the page base pointer is 16-byte aligned).
+    kw: store_constexprs."""
+    if DP % 8 or kw["D"] % 8 or kw["PAGE"] % 4:
+        return False
+    bits = {"K": kw["KBITS"], "V": kw["VBITS"], "KM": kw["MBITS"], "VM": kw["MBITS"]}
+    return all(kw[f"{p}O{i}"] % kw[f"{p}W{i}"] == 0 and kw[f"{p}W{i}"] in (1, 2, 4)
+               for p in bits if bits[p] <= 4 for i in range(3) if kw[f"{p}W{i}"] > 0)
+
+
+def _cell_tables(codec: LayerCodec, device) -> dict:
+    """store.cell_table of each codebook of `codec` that has one (int32 on `device`), cached per device."""
+    cache = codec.__dict__.setdefault("_tq_cell_tables", {})
+    key = (torch.device(device).type, torch.device(device).index)
+    if key not in cache:
+        from .store import cell_table
+        out = {}
+        for kind, b in codec.bounds.items():
+            words = cell_table(b.detach().to("cpu", torch.float32).tolist())
+            if words is not None:
+                out[kind] = torch.tensor(words, dtype=torch.int64).to(torch.int32).to(device)
+        cache[key] = out
+    return cache[key]
+
+
 def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, plan: StepPlan, sink=None, force: str | None = None,
                  defer_sink: bool = False) -> None:
@@ -489,10 +530,11 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     NSUB = math.ceil(B / TS)
     NBLK = max(1, rows // BP)
     kvsplit = os.environ.get("TQ_VLLM_STORE_KVSPLIT", "1") == "1"  # K and V coded by two programs
-    # codes of <= 4 bits by counting boundaries (1; 2: the 4-bit count as one asm block, GPU only), 0: binary search
+    # codes of <= 4 bits by counting boundaries (1; 2: the 4-bit count as one asm block; 3, 4: from |u| in asm; 5: a
+    # cell table; 2-5 GPU only), 0: binary search
     cmp_codes = int(os.environ.get("TQ_VLLM_STORE_CMP", STORE_CMP))
-    if cmp_codes not in (0, 1, 2, 3):
-        raise ValueError(f"TQ_VLLM_STORE_CMP={cmp_codes}: choose 0, 1, 2 or 3")
+    if cmp_codes not in (0, 1, 2, 3, 4, 5):
+        raise ValueError(f"TQ_VLLM_STORE_CMP={cmp_codes}: choose 0, 1, 2, 3, 4 or 5")
     if cmp_codes >= 2 and _interp():
         cmp_codes = 1  # (inline PTX does not run in the interpreter; the tests model the asm instead)
     par = os.environ.get("TQ_VLLM_STORE_PAR", "0") == "1" and NSUB > 1  # a block's sub-tiles in parallel programs
@@ -500,12 +542,24 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     smode = os.environ.get("TQ_VLLM_STORE_SYM", "auto")  # codes from |u| (store._sym_codes): auto, 0 or 1
     if smode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_STORE_SYM={smode!r}: choose auto, 0 or 1")
-    smax = {"auto": 4 if cmp_codes == 3 else STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
+    smax = {"auto": 4 if cmp_codes >= 3 else STORE_SYM_MAX_BITS, "0": 0, "1": 4}[smode] if cmp_codes else 0
     sym = dict(KSY=tb.sym["k"] and kw["KBITS"] <= smax, VSY=tb.sym["v"] and kw["VBITS"] <= smax,
                KMSY=tb.sym["k_mean"] and kw["MBITS"] <= smax, VMSY=tb.sym["v_mean"] and kw["MBITS"] <= smax)
     cen = os.environ.get("TQ_VLLM_STORE_CEN", STORE_CEN)
     if cen not in ("0", "1"):
         raise ValueError(f"TQ_VLLM_STORE_CEN={cen!r}: choose 0 or 1")
+    perm = os.environ.get("TQ_VLLM_STORE_PERM", STORE_PERM)  # the product's columns permuted (store._mma_cols)
+    if perm not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_STORE_PERM={perm!r}: choose 0 or 1")
+    sym["PERM"] = perm == "1" and DP >= 32
+    pack = os.environ.get("TQ_VLLM_STORE_PACK8", STORE_PACK8)  # codes packed 8 to a word (store._put_codes)
+    if pack not in ("0", "1"):
+        raise ValueError(f"TQ_VLLM_STORE_PACK8={pack!r}: choose 0 or 1")
+    sym["PACK8"] = pack == "1" and _pack8_ok(kw, DP)
+    cells = _cell_tables(codec, kv_cache.device) if cmp_codes == 5 else {}  # (a kind without one: CMP 4's code)
+    for kind, K_ in (("k", "K"), ("v", "V"), ("k_mean", "KM"), ("v_mean", "VM")):
+        sym[f"{K_}CL"] = kind in cells
+    none = tb.bnd["k"]  # (a pointer the kernel does not read)
     for kind, K_ in (("k", "K"), ("v", "V")):  # the centroid asm of a symmetric 4-bit codebook, "-" for none
         on = cen == "1" and cmp_codes == 3 and sym[f"{K_}SY"] and kw[f"{K_}BITS"] == 4
         sym[f"{K_}CA"] = _cen_asm(codec, kind) if on else "-"
@@ -523,7 +577,8 @@ def store_blocks(codec: LayerCodec, kv_cache: torch.Tensor, staging: torch.Tenso
     _launch("store", mod._tq_store_kernel, (triton_cdiv(Mb, NBLK) * (NSUB if par else 1), H, 2 if kvsplit else 1), (
         key, value, staging, kv_cache, bt, plan.query_start_loc, plan.seq_lens, plan.ctx_slot, plan.qb_row,
         plan.qb_idx, tb.rot, pi16, tb.qjl, tb.bnd["k"], tb.bnd["v"], tb.bnd["k_mean"], tb.bnd["v_mean"], tb.c32["k"],
-        tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], skv, stag, tb.sink_coef,
+        tb.c32["v"], tb.c32["k_mean"], tb.c32["v_mean"], *(cells.get(k, none) for k in ("k", "v", "k_mean", "v_mean")),
+        skv, stag, tb.sink_coef,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         staging.stride(0), staging.stride(1), staging.stride(2), staging.stride(3), bt.stride(0), Mb, rsd,
         *sst), dict(PM1=pm1, INTERP=_interp(), SINKT=has_sink, KVSPLIT=kvsplit, CMP=cmp_codes, PAR=par, RDC=rdc, **sym,
