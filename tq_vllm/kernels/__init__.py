@@ -119,6 +119,11 @@ _CFG_DEFAULT = {"DECODE": (4, 2), "PREFILL": (4, 1), "STORE": (4, 1), "REDUCE": 
 _MAXNREG_DEFAULT = {"DECODE": 128, "STORE": 128}
 # the 4-warp decode launch where all its programs fit in one wave at this cap (`_one_wave_cfg`)
 ONEWAVE_MAXNREG = 168
+# the split reduction as a programmatic dependent of the decode launch (`_pdl`): 4-warp one-wave launches of at most
+# this many (row, KV head) pairs. H200, ms, with / without it: tq4 1 x 1K 0.0115 / 0.0123, 2 x 1K 0.0117 / 0.0122,
+# 4 x 1K 0.0129 / 0.0135, but 8 x 1K (64 pairs) 0.0229 / 0.0160; the two-warp launch (tq3) mixed: 2 x 1K 0.0195 /
+# 0.0181, 4 x 1K 0.0185 / 0.0190, 8 x 1K 0.0254 / 0.0211 (benchmarks.md "2026-11-29 (fifth session)")
+PDL_MAX_PAIRS = 32
 # PF: the attention loop issues each page tile's scales and mean codes one tile ahead (no dependent global load
 # inside a tile); TQ_VLLM_<NAME>_PF=0 loads them in the tile that uses them
 _PF_DEFAULT = {"DECODE": 1, "PREFILL": 1}
@@ -749,7 +754,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             cfg.get("maxnreg", 0), cfg["num_warps"])
         if one_wave and not (w2 or narrow):
             cfg.update(_one_wave_cfg(nprog, query.device))
-        pdl = _pdl(query, one_wave)
+        pdl = _pdl(query, one_wave and not w2 and nd * H <= PDL_MAX_PAIRS)
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         split_major = _split_major(w2)
@@ -1006,14 +1011,15 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
     return out
 
 
-def _pdl(query: torch.Tensor, one_wave: bool) -> bool:
+def _pdl(query: torch.Tensor, small: bool) -> bool:
     """Whether the split reduction is launched as a programmatic dependent of the decode launch (CUDA's programmatic
     stream serialization), which triggers it at its start (`gdc_launch_dependents`): the reduction's programs are
     resident when the decode ends and wait at `gdc_wait` for the decode grid and its writes before any global
-    access. Only for decode launches of one wave: in larger ones the waiting programs take slots the decode's later
-    programs need (4 x 1K at 32 splits, 1,056 programs: 0.0201 -> 0.0251 ms), and without the early trigger the
-    dependent launch alone was 1.5 % slower (H200, benchmarks.md "2026-11-29 (fifth session)").
-    TQ_VLLM_PDL=auto (CUDA, Hopper and newer, one wave) | 0 | 1 (at any launch size and without the device checks:
+    access. `small`: the caller's rule (4-warp launches of one wave and at most PDL_MAX_PAIRS (row, head) pairs): in
+    larger launches the waiting programs take slots the decode's later programs need (4 x 1K at 32 splits, 1,056
+    programs: 0.0201 -> 0.0251 ms), at 64 pairs of one wave it was slower too (8 x 1K 0.0160 -> 0.0229), and without
+    the early trigger the dependent launch alone was 1.5 % slower (H200, benchmarks.md "2026-11-29 (fifth session)").
+    TQ_VLLM_PDL=auto (CUDA, Hopper and newer, `small`) | 0 | 1 (at any launch size and without the device checks:
     tests, offline compiles)."""
     mode = os.environ.get("TQ_VLLM_PDL", "auto")
     if mode not in ("auto", "0", "1"):
@@ -1022,7 +1028,7 @@ def _pdl(query: torch.Tensor, one_wave: bool) -> bool:
         return False
     if mode == "1":
         return True
-    return one_wave and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
+    return small and query.is_cuda and torch.cuda.get_device_capability(query.device)[0] >= 9
 
 
 def _one_wave_cfg(nprog: int, device) -> dict:
