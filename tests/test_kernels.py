@@ -1065,16 +1065,17 @@ def test_one_wave_register_cap_and_pdl_choice(monkeypatch):
     monkeypatch.setenv("TQ_VLLM_DECODE_MAXNREG", "128")
     assert K._one_wave_cfg(8, dev) == {}
     q = torch.zeros(1, 4, 64)
-    assert not K._pdl(q, True)  # (the interpreter, when it runs the kernels)
+    mod = K._kmod("attention")
+    assert not K._pdl(q, True, mod)  # (the interpreter, when it runs the kernels)
     monkeypatch.setattr(K, "_interp", lambda: False)
-    assert not K._pdl(q, True)  # a CPU tensor
+    assert not K._pdl(q, True, mod)  # a CPU tensor
     monkeypatch.setenv("TQ_VLLM_PDL", "1")
-    assert K._pdl(q, False)
+    assert K._pdl(q, False, mod)
     monkeypatch.setenv("TQ_VLLM_PDL", "0")
-    assert not K._pdl(q, True)
+    assert not K._pdl(q, True, mod)
     monkeypatch.setenv("TQ_VLLM_PDL", "yes")
     with pytest.raises(ValueError, match="TQ_VLLM_PDL"):
-        K._pdl(q, True)
+        K._pdl(q, True, mod)
 
 
 def test_w2_decode_choice(monkeypatch):

@@ -754,7 +754,7 @@ def paged_attention(codec: LayerCodec, query: torch.Tensor, key: torch.Tensor, v
             cfg.get("maxnreg", 0), cfg["num_warps"])
         if one_wave and not (w2 or narrow):
             cfg.update(_one_wave_cfg(nprog, query.device))
-        pdl = _pdl(query, one_wave and not w2 and nd * H <= PDL_MAX_PAIRS)
+        pdl = _pdl(query, one_wave and not w2 and nd * H <= PDL_MAX_PAIRS, mod)
         if _interp():
             cfg.pop("maxnreg", None)  # (the register cap of a launch shape; _cfg leaves it out there already)
         split_major = _split_major(w2)
@@ -1011,7 +1011,7 @@ def prefill_attention(codec: LayerCodec, query, key, value, kv_cache, staging, p
     return out
 
 
-def _pdl(query: torch.Tensor, small: bool) -> bool:
+def _pdl(query: torch.Tensor, small: bool, mod) -> bool:
     """Whether the split reduction is launched as a programmatic dependent of the decode launch (CUDA's programmatic
     stream serialization), which triggers it at its start (`gdc_launch_dependents`): the reduction's programs are
     resident when the decode ends and wait at `gdc_wait` for the decode grid and its writes before any global
@@ -1020,11 +1020,12 @@ def _pdl(query: torch.Tensor, small: bool) -> bool:
     programs: 0.0201 -> 0.0251 ms), at 64 pairs of one wave it was slower too (8 x 1K 0.0160 -> 0.0229), and without
     the early trigger the dependent launch alone was 1.5 % slower (H200, benchmarks.md "2026-11-29 (fifth session)").
     TQ_VLLM_PDL=auto (CUDA, Hopper and newer, `small`) | 0 | 1 (at any launch size and without the device checks:
-    tests, offline compiles)."""
+    tests, offline compiles). `mod`: the attention kernels' module (`_kmod`), whose import found grid dependency
+    control or not."""
     mode = os.environ.get("TQ_VLLM_PDL", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"TQ_VLLM_PDL={mode!r}: choose auto, 0 or 1")
-    if mode == "0" or _interp() or _kmod("attention").gdc_wait is None:
+    if mode == "0" or _interp() or mod.gdc_wait is None:
         return False
     if mode == "1":
         return True

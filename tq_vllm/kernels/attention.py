@@ -341,8 +341,8 @@ def _tq_attn_kernel(
     K8ASM: tl.constexpr = None, K8DEL: tl.constexpr = 1.0, PDLT: tl.constexpr = False,
 ):
     if PDLT:
-        # (one-wave launches: the split reduction, launched as a programmatic dependent, may start now and waits
-        # at its gdc_wait for this whole grid and its writes)
+        # (small one-wave launches, kernels._pdl: the split reduction, launched as a programmatic dependent, may
+        # start now and waits at its gdc_wait for this whole grid and its writes)
         gdc_launch_dependents()
     i = tl.program_id(0)
     j = tl.program_id(1)
