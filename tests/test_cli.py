@@ -212,6 +212,40 @@ def test_check_portability_traps(tmp_path):
     assert "kv_transfer_removed_key" in _codes(rep)
 
 
+def test_check_connector_defaults_of_vllm_026_are_not_recipe_keys(tmp_path, monkeypatch):
+    """vLLM 0.26's parser returns kv-transfer-config as a KVTransferConfig whose defaults include the keys 0.32
+    removed (kv_buffer_size, kv_rank, ...): a recipe that does not set them checks clean (seen on the H200 with the
+    tiers recipe); one that sets them is still an error."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class KVTransferConfig026:  # the 0.26 fields that matter here, with its defaults
+        kv_connector: str | None = None
+        kv_connector_module_path: str | None = None
+        kv_role: str | None = None
+        kv_buffer_size: float = 1e9
+        kv_rank: int | None = None
+        kv_parallel_size: int = 1
+        kv_ip: str = "127.0.0.1"
+        kv_connector_extra_config: dict = dataclasses.field(default_factory=dict)
+
+    def parse_026(recipe, model=None):
+        s = check._settings_from_yaml(check.load_recipe(recipe), model)
+        s["kv_transfer_config"] = KVTransferConfig026(**s["kv_transfer_config"])
+        return s, [], "a stand-in for vLLM 0.26's parser"
+
+    monkeypatch.setattr(check, "parse_with_vllm", parse_026)
+    r, _ = _case(tmp_path)
+    conn = ("kv-transfer-config:\n  kv_connector: TQConnector\n  kv_connector_module_path: tq_vllm.connector\n"
+            "  kv_role: kv_both\n  kv_connector_extra_config: {cpu_bytes: 1G}\n")
+    Path(r).write_text(Path(r).read_text() + conn)
+    rep = _run(r, use_vllm=True)
+    assert "kv_transfer_removed_key" not in _codes(rep) and not rep.errors, [f.message for f in rep.errors]
+    assert "connector" in {name for name, _ in rep.sections}
+    Path(r).write_text(Path(r).read_text() + "  kv_buffer_size: 1000\n")
+    assert "kv_transfer_removed_key" in _codes(_run(r, use_vllm=True))
+
+
 @pytest.mark.parametrize("extra, code, text", [
     ({"cpu_byte": "1G"}, "connector_config", "unknown kv_connector_extra_config keys ['cpu_byte']"),
     ({"cpu_bytes": "lots"}, "connector_config", "not a byte count"),

@@ -970,9 +970,8 @@ def _check_connector(rep: Report, kvt: dict, shape: ModelShape | None, tq, bs: i
         rep.add("error", "kv_role", "kv-transfer-config.kv_role is required with a connector: set kv_role: kv_both")
     elif role != "kv_both":
         rep.add("info", "kv_role", f"kv_role {role}: TQConnector saves and loads by its own save/load settings")
-    for key in REMOVED_KV_TRANSFER_KEYS:
-        if key in kvt and not any(f.code == "kv_transfer_removed_key" for f in rep.findings):
-            rep.add("error", "kv_transfer_removed_key", f"kv-transfer-config.{key}: removed in vLLM 0.32; delete it")
+    # (keys removed in vLLM 0.32 are flagged from the recipe's own text, `portability_findings`: vLLM 0.26's parser
+    # returns a KVTransferConfig whose defaults include them, so `kvt` has them whether the recipe sets them or not)
     extra = kvt.get("kv_connector_extra_config") or {}
     from tq_vllm.connector.config import ConnectorConfig
     try:
