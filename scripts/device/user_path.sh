@@ -11,7 +11,8 @@
 #   check      tq-vllm check recipes/*.yaml (vLLM 0.26's own parser) and tq-vllm store verify of the disk tier
 #   ppl        tq-vllm eval ppl --engine vllm: bf16, tq4, tq3 (our backend); 6 windows x 2048 tokens of the
 #              Wikipedia sample, 128-token prefill chunks                      -> $OUT/quality_gpu.jsonl
-#   niah       tq-vllm eval niah: tq4, tq3 at 2048 / 4096 / 7168 tokens, depths 0.1/0.5/0.9 -> $OUT/niah_gpu.jsonl
+#   niah       tq-vllm eval niah: bf16 (the baseline: vLLM's own attention), tq4, tq3 at 2048 / 4096 / 7168
+#              tokens, depths 0.1/0.5/0.9                                      -> $OUT/niah_gpu.jsonl
 #   ppl_vllm   the same perplexity with vLLM's own kv_cache_dtype: bf16, fp8, turboquant_4bit_nc,
 #              turboquant_3bit_nc (vLLM's TurboQuant Triton kernels compile for minutes on a cold machine: last)
 #                                                                              -> $OUT/quality_gpu.jsonl
@@ -92,7 +93,7 @@ for step in "${STEPS[@]}"; do
     if [ -z "$MODEL" ] || [ -z "$TEXT" ]; then tq_note "SKIP  niah: no model/text"; continue; fi
     read -r -a CTX <<< "${TQ_NIAH_CONTEXTS:-2048 4096 7168}"
     tq_step niah "${TQ_T_NIAH:-240}" "$TQ_LOGS/niah.log" "${TQV[@]}" eval niah --model "$MODEL" --text "$TEXT" \
-      --preset tq4 --preset tq3 --context "${CTX[@]}" --json --no-progress
+      --preset bf16 --preset tq4 --preset tq3 --context "${CTX[@]}" --json --no-progress
     "$PY" scripts/device/jsonl.py "$TQ_LOGS/niah.log" "$OUT/niah_gpu.jsonl" "${META[@]}" step=niah \
       | tee -a "$TQ_SUMMARY"
     ;;
