@@ -610,10 +610,10 @@ def _store_kind(X, s_xt, s_xh, STG_ROW, s_g2, qs, ctx, blk0, tvalid0, h, PAGE_RO
                             RDC, NR, PM1, INTERP, CENTER or PROD, PERM)
             if CENTER:
                 yy = yy - mhat
+        ysc = rsd  # (the ±1 product's 1/sqrt(D), where _rot_rows left it out)
         if CENTER or PROD or not PM1:
-            code, s, c = _encode(yy, 1.0, dmask, BND, CEN, CL, BITS, NORM, CMP, SYM, CA, CELL, D < DP, INTERP)
-        else:
-            code, s, c = _encode(yy, rsd, dmask, BND, CEN, CL, BITS, NORM, CMP, SYM, CA, CELL, D < DP, INTERP)
+            ysc = 1.0
+        code, s, c = _encode(yy, ysc, dmask, BND, CEN, CL, BITS, NORM, CMP, SYM, CA, CELL, D < DP, INTERP)
         _put_codes(PAGE_ROW, code, tok, tvalid, D, DP, NR, O0, W0, O1, W1, O2, W2, PACK8 and BITS <= 4, INTERP)
         _put_bf16(PAGE_ROW, SO, tok, s, tvalid)
         if PROD:
