@@ -853,6 +853,11 @@ def _codebooks(bits_max=4):
     return books
 
 
+def _mem_words(base: int, words) -> dict:
+    """{byte address: byte} of 32-bit words stored little-endian from `base` (the PTX model's memory)."""
+    return {base + 4 * k + i: (int(w) >> (8 * i)) & 0xFF for k, w in enumerate(words) for i in range(4)}
+
+
 def _want_code_cen(b, c, u):
     """torch.bucketize's code of u (right=False) and its centroid's bits; NaN codes as 0 (encode_dir's u of a row
     that is not finite)."""
@@ -884,9 +889,7 @@ def test_store_cell_table_asm_matches_bucketize():
         kap = float(np.uint32(words[0]).view(np.float32))
         assert kap == 2 ** round(math.log2(kap)) and float(np.uint32(words[1]).view(np.float32)) == kap + 2
         base, cbase = 1 << 20, 1 << 24
-        mem = {base + i: (w >> (8 * (i % 4))) & 0xFF for k, w in enumerate(words[2:]) for i in range(4 * k, 4 * k + 4)}
-        mem.update({cbase + 4 * k + i: (int(x) >> (8 * i)) & 0xFF for k, x in enumerate(c.numpy().view(np.uint32))
-                    for i in range(4)})
+        mem = {**_mem_words(base, words[2:]), **_mem_words(cbase, c.numpy().view(np.uint32))}
         edges = [(j - kap - 2) / kap for j in range(1, len(words) // 2)]
         us = _code_cen_cases(b, g) + edges + [float(np.nextafter(np.float32(e), np.float32(-2))) for e in edges]
         for u in us:
@@ -915,8 +918,7 @@ def test_store_sym_code_cen_asm_matches_bucketize(bits):
     assert books
     for b, c in books.items():
         cbase = 1 << 24
-        mem = {cbase + 4 * k + i: (int(x) >> (8 * i)) & 0xFF for k, x in enumerate(c.numpy().view(np.uint32))
-               for i in range(4)}
+        mem = _mem_words(cbase, c.numpy().view(np.uint32))
         for u in _code_cen_cases(b, g):
             ops = {"$2": u, "$3": ("int", cbase), **{f"${k + 4}": t for k, t in enumerate(b[mid + 1:])}}
             regs = _run_ptx(asm, ops, mem)
