@@ -40,7 +40,10 @@ CASES = [
      ["decode", "reduce"]),
     ("d64-b128", ["--presets", "tq3,tq25", "--block", "128", "--head-dim", "64", "--gqa", "8", "--kernels",
                   "decode"], {}, ["decode", "reduce"]),
+    ("d256-fused-prefill", ["--presets", "tq3,tq4", "--block", "64", "--head-dim", "256", "--gqa", "1", "--kernels",
+                            "prefill"], {}, ["prefill"]),
 ]
+SMEM_KB = 227  # the opt-in shared memory of one block on sm_90 (232,448 B)
 
 
 # the lent GPU's Triton (scripts/setup_env.sh installs it beside the venv, off its path): Triton 3.6 refuses what
@@ -49,6 +52,7 @@ GPU_TRITON = os.path.join(sys.prefix, "triton-gpu")
 GPU_TRITON_VERSION = "3.6.0"
 GPU_CASES = [
     CASES[0],  # all-kernels
+    CASES[4],  # d256-fused-prefill
     ("store-cen", ["--presets", "tq4,tq35", "--block", "32", "--kernels", "store"],
      {"TQ_VLLM_STORE_CMP": "3", "TQ_VLLM_STORE_CEN": "1"}, ["store"]),
     # the store's other code paths and layouts (the default, STORE_CMP=5 with the permuted product and codes packed 8
@@ -68,15 +72,19 @@ def _compile(args, env, kernels, tmp_path, pythonpath=None):
     p = subprocess.run([sys.executable, "benchmarks/kernel_regs.py", *args], cwd=ROOT, env=run_env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = {}
+    rows, shared = {}, {}
     for line in p.stdout.splitlines():
         f = line.split()
         if len(f) == 7 and f[2].isdigit():
             rows[(f[0], f[1])] = int(f[2])
+            shared[(f[0], f[1])] = float(f[4])
     presets = args[args.index("--presets") + 1].split(",")
     want = {(p_, k) for p_ in presets for k in kernels}
     assert want <= set(rows), (sorted(want - set(rows)), p.stdout[-2000:])
     assert all(0 < rows[k] <= 255 for k in want), rows
+    # every kernel must fit the shared memory of one H100/H200 block (227 KB): above it the launch fails on the GPU
+    # while the interpreter runs it happily (the fused prefill at head_dim 256, 2026-11-29)
+    assert all(v <= SMEM_KB for v in shared.values()), {k: v for k, v in shared.items() if v > SMEM_KB}
     return p.stdout
 
 
@@ -92,6 +100,21 @@ def test_kernels_compile_with_the_gpu_triton(args, env, kernels, tmp_path):
     """The same with Triton 3.6, the lent GPU's (vLLM 0.26 / torch 2.11)."""
     out = _compile(args, env, kernels, tmp_path, pythonpath=GPU_TRITON)
     assert out.startswith(f"triton {GPU_TRITON_VERSION},"), out[:200]
+
+
+@pytest.mark.parametrize("pythonpath", [None, GPU_TRITON])
+@pytest.mark.parametrize("D", [96, 128])
+def test_dequant_rotation_products_do_not_spill(D, pythonpath, tmp_path):
+    """The page dequantization's fp32 products (Π where it is not ±1, as at head_dim 96, and the QJL matrix of prod
+    keys) run on tensor cores as tf32x3. As ieee products they unrolled into ~12,000 FMAs per thread, which ptxas
+    held in 32 registers with 8.9-12 KB of spills at head_dim 96 (2.5-3 KB for tq4-prod at 128; 2026-11-29)."""
+    if pythonpath and not os.path.exists(os.path.join(pythonpath, "triton", "__init__.py")):
+        pytest.skip("the GPU's Triton is not installed beside the venv")
+    out = _compile(["--presets", "tq4,tq35,tq4-prod", "--block", "32", "--head-dim", str(D), "--kernels",
+                    "dequant"], {}, ["dequant"], tmp_path, pythonpath)
+    stack = {f[0]: int(f[3]) for f in (line.split() for line in out.splitlines())
+             if len(f) == 7 and f[1] == "dequant" and f[2].isdigit()}
+    assert set(stack) == {"tq4", "tq35", "tq4-prod"} and max(stack.values()) <= 1024, stack
 
 
 def test_kernel_regs_instruction_mix(tmp_path):

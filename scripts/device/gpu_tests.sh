@@ -18,6 +18,7 @@ case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH=$PWD${PYTHONPATH
 export PYTHONHASHSEED=${PYTHONHASHSEED:-0}
 FILES=(tests/test_kernels.py tests/test_kernels_prefill.py tests/test_kernels_compile.py tests/test_kernels_lut.py
        tests/test_slot_table.py tests/test_connector_units.py)
+rm -f "$TQ_LOGS"/gpu_tests_*.log  # a second run on the same machine must not count the first one's shards
 left=$(tq_left)
 tq_note ">>> $N shards, ${left} s, -k '${K:-<all>}'"
 for i in $(seq 0 $((N - 1))); do

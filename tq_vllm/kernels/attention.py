@@ -199,10 +199,15 @@ def _lut(C16, code):
 
 @triton.jit
 def _vexact_acc(acc, VT_ST, VT_IN, stg_ok, in_ok, pe, PI, R: tl.constexpr, r: tl.constexpr, D: tl.constexpr,
-                XP: tl.constexpr, DC: tl.constexpr, NE: tl.constexpr, INTERP: tl.constexpr):
-    """acc[XP, M] += Π_r (V^T P^T): exact values of NE keys weighted by pe [NE, M], rotated into lattice r."""
+                XP: tl.constexpr, DC: tl.constexpr, NE: tl.constexpr, INTERP: tl.constexpr, k_at, k_lo):
+    """acc[XP, M] += Π_r (V^T P^T): exact values of NE keys weighted by pe [NE, M], rotated into lattice r.
+    k_at >= k_lo (the caller's loop variable and its start) is always true: above head_dim 128 it masks the loads
+    of Π so that they stay inside the loop. Hoisted, the R·D/DC tiles of Π live in shared memory for the whole loop
+    (320 KB at head_dim 256 for 3-bit values, past the 227 KB of an H100/H200 block: the launch fails)."""
     t = tl.arange(0, XP)
     tm = t < D // R
+    if D > 128:
+        tm = tm & (k_at + 0 * t >= k_lo)
     for c in tl.static_range(0, D, DC):
         dd = c + tl.arange(0, DC)
         vs = tl.load(VT_ST[None, :] + dd[:, None], mask=stg_ok[None, :], other=0.0)
@@ -709,15 +714,15 @@ def _tq_attn_kernel(
         vt_in = VIN + ink * s_vt + h * s_vh
         if FUSED:
             acc0 = _vexact_acc(acc0 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 0, D, XV, DC, NE,
-                               INTERP)
+                               INTERP, k0, e_lo)
             if RV > 1:
                 acc1 = _vexact_acc(acc1 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 1, D, XV, DC, NE,
-                                   INTERP)
+                                   INTERP, k0, e_lo)
             if RV > 2:
                 acc2 = _vexact_acc(acc2 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 2, D, XV, DC, NE,
-                                   INTERP)
+                                   INTERP, k0, e_lo)
                 acc3 = _vexact_acc(acc3 * alpha[None, :], vt_st, vt_in, st_ok, in_ok, pe, PI, RV, 3, D, XV, DC, NE,
-                                   INTERP)
+                                   INTERP, k0, e_lo)
         else:
             vs_ = tl.load(vt_st[None, :] + dd[:, None], mask=st_ok[None, :] & dm[:, None], other=0.0)
             vi_ = tl.load(vt_in[None, :] + dd[:, None], mask=in_ok[None, :] & dm[:, None], other=0.0)

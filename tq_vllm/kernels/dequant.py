@@ -35,8 +35,9 @@ def _unrotate_store(y, PI, PI16, rsd, W, woff, tm, DP: tl.constexpr, D: tl.const
                     PM1: tl.constexpr, INTERP: tl.constexpr, sink_row, sinkrow_ptr):
     """W[woff + c] = (y @ Π)[:, c], chunk by chunk of output columns; rows where sink_row is set take the sink
     table's exact row at sinkrow_ptr instead. PM1: PI16 = sqrt(D)*Π = ±1 in bf16, y split into bf16 high and low
-    parts (two exact-product tensor-core passes, ~16 mantissa bits); else fp32 Π. woff, tm, sink_row,
-    sinkrow_ptr: [NR]."""
+    parts (two exact-product tensor-core passes, ~16 mantissa bits); else fp32 Π with tf32x3 (~fp32 on tensor
+    cores, as the store's product: an ieee product unrolls into D·DP·NR/threads FMAs per thread, which spilled 9-12
+    KB at head_dim 96). woff, tm, sink_row, sinkrow_ptr: [NR]."""
     di = tl.arange(0, DP)
     if PM1:
         yh = y.to(tl.bfloat16)
@@ -52,7 +53,7 @@ def _unrotate_store(y, PI, PI16, rsd, W, woff, tm, DP: tl.constexpr, D: tl.const
             x = x * rsd
         else:
             p = tl.load(PI + di[:, None] * D + dd[None, :], mask=(di < D)[:, None], other=0.0)
-            x = tl.dot(y, p, input_precision="ieee")
+            x = tl.dot(y, p, input_precision="tf32x3")
         s0 = tl.load(sinkrow_ptr[:, None] + dd[None, :], mask=sink_row[:, None], other=0.0).to(tl.float32)
         x = tl.where(sink_row[:, None], s0, x)
         tl.store(W + woff[:, None] + dd[None, :], x.to(W.dtype.element_ty), mask=tm[:, None])
@@ -105,7 +106,7 @@ def _tq_dequant_kernel(
                       KMO0, KMW0, KMO1, KMW1, KMO2, KMW2, KMSO, D)
     if PROD:
         # + ‖e‖ sqrt(pi/2)/D * (z @ S), z = ±1 from the QJL sign bits; S in row chunks of DC (the whole fp32 S
-        # as one dot operand needs 384 KB of shared memory at head_dim 256)
+        # as one dot operand needs 384 KB of shared memory at head_dim 256); tf32x3 as in _unrotate_store
         qjl = tl.zeros([NPG * BP, DP], dtype=tl.float32)
         for c in tl.static_range(0, D, DC):
             tc = c + tl.arange(0, DC)
@@ -113,7 +114,7 @@ def _tq_dequant_kernel(
             z = (_codes(CACHE, base[:, None], tok[:, None], mc, tc[None, :], 1, 0, D, QJO, 1, 0, 0, 0, 0) * 2 - 1
                  ).to(tl.float32)
             sq = tl.load(SQ + tc[:, None] * D + t[None, :], mask=(tc < D)[:, None] & dm[None, :], other=0.0)
-            qjl += tl.dot(z, sq, input_precision="ieee")
+            qjl += tl.dot(z, sq, input_precision="tf32x3")
         rn = _bf16_at(CACHE, base + RNO, tok, tm)
         yk += qjl * (rn * (1.2533141373155003 / D))[:, None]
     woff = dst * s_w0 + tok.to(tl.int64) * s_w1 + h * s_w2
