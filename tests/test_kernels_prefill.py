@@ -7,10 +7,12 @@ GPU: the same with vLLM's FlashAttention (and the rest of the GPU kernel tests r
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 import zlib
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -346,7 +348,11 @@ def test_merge_into_handles_empty_parts():
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["tq4", "tq3"])
 def test_gpu_prefill_fa_llama_shapes(preset):
-    """2 fresh prompts, then chunks over a long prefix with a workspace too small for it (windows)."""
+    """2 fresh prompts, then chunks over a long prefix with a workspace too small for it (windows). Needs vLLM (its
+    bundled FlashAttention): skipped without it (scripts/device/gpu_tests.sh runs without the stage); with vLLM
+    installed the FlashAttention must load."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed: stage it (scripts/device/README.md) for the FlashAttention prefill")
     assert CUDA and P.flash_attn_fn() is not None
     D, B, H, G, dtype = 128, 32, 8, 4, torch.bfloat16
     codec = LayerCodec(preset, D, B, layer_index=1, device="cuda")
