@@ -12,7 +12,6 @@ import random
 import zlib
 
 import numpy as np
-
 import pytest
 import torch
 
