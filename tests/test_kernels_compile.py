@@ -64,6 +64,12 @@ GPU_CASES = [
 ]
 
 
+def _table(out: str) -> dict:
+    """kernel_regs.py's table: {(preset, kernel): (registers, stack bytes, shared KB)}."""
+    return {(f[0], f[1]): (int(f[2]), int(f[3]), float(f[4])) for f in (line.split() for line in out.splitlines())
+            if len(f) == 7 and f[2].isdigit()}
+
+
 def _compile(args, env, kernels, tmp_path, pythonpath=None):
     run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("TQ_VLLM_")}
     run_env.update(env, TRITON_CACHE_DIR=str(tmp_path / "triton"))  # a fresh cache: really compile
@@ -72,12 +78,9 @@ def _compile(args, env, kernels, tmp_path, pythonpath=None):
     p = subprocess.run([sys.executable, "benchmarks/kernel_regs.py", *args], cwd=ROOT, env=run_env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows, shared = {}, {}
-    for line in p.stdout.splitlines():
-        f = line.split()
-        if len(f) == 7 and f[2].isdigit():
-            rows[(f[0], f[1])] = int(f[2])
-            shared[(f[0], f[1])] = float(f[4])
+    table = _table(p.stdout)
+    rows = {k: v[0] for k, v in table.items()}
+    shared = {k: v[2] for k, v in table.items()}
     presets = args[args.index("--presets") + 1].split(",")
     want = {(p_, k) for p_ in presets for k in kernels}
     assert want <= set(rows), (sorted(want - set(rows)), p.stdout[-2000:])
@@ -112,8 +115,7 @@ def test_dequant_rotation_products_do_not_spill(D, pythonpath, tmp_path):
         pytest.skip("the GPU's Triton is not installed beside the venv")
     out = _compile(["--presets", "tq4,tq35,tq4-prod", "--block", "32", "--head-dim", str(D), "--kernels",
                     "dequant"], {}, ["dequant"], tmp_path, pythonpath)
-    stack = {f[0]: int(f[3]) for f in (line.split() for line in out.splitlines())
-             if len(f) == 7 and f[1] == "dequant" and f[2].isdigit()}
+    stack = {preset: v[1] for (preset, kernel), v in _table(out).items() if kernel == "dequant"}
     assert set(stack) == {"tq4", "tq35", "tq4-prod"} and max(stack.values()) <= 1024, stack
 
 
